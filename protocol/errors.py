@@ -38,6 +38,7 @@ class ErrorCode(enum.IntEnum):
     CHANNEL_FORGED = 302
     CHANNEL_CLOSED = 303
     CHANNEL_COUNTER_EXHAUSTED = 304
+    CHANNEL_OUT_OF_ORDER = 305
 
     # 4xx: signed objects (COSE, CWT, tokens)
     TOKEN_MALFORMED = 400
@@ -134,7 +135,7 @@ class TokenError(RemoteProtocolError):
     code = ErrorCode.TOKEN_MALFORMED
 
 
-class GrantRejected(RemoteProtocolError):
+class GrantError(RemoteProtocolError):
     code = ErrorCode.GRANT_EXPIRED
 
 
