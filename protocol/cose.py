@@ -78,9 +78,12 @@ def parse(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """Split a COSE_Sign1 into (protected, kid, payload, signature) without verifying it."""
     item = encoding.decode(data, error=TokenError, code=ErrorCode.TOKEN_MALFORMED)
     fields = encoding.Fields("COSE_Sign1", error=TokenError, code=ErrorCode.TOKEN_MALFORMED)
-    if not isinstance(item, cbor2.CBORTag) or item.tag != COSE_SIGN1_TAG:
-        raise fields.fail("expected tag 18")
-    protected, unprotected, payload, signature = fields.array(item.value, 4)
+    if isinstance(item, cbor2.CBORTag):
+        # Tagged as sent by the operator; untagged where EDHOC carries a CWT by value (RFC 9528 §3.5.2).
+        if item.tag != COSE_SIGN1_TAG:
+            raise fields.fail("expected tag 18 or an untagged COSE_Sign1")
+        item = item.value
+    protected, unprotected, payload, signature = fields.array(item, 4)
     fields.bytes_(protected, "protected header", max_size=64)
     fields.map(unprotected)
     fields.bytes_(payload, "payload", max_size=16384)

@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cwt import COSE, COSEKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pycose.keys.okp import OKPKey
 from pycose.keys.curves import Ed25519
+from pycose.keys.okp import OKPKey
 from pycose.messages.sign1message import Sign1Message
 
 from protocol import cose, tokens
