@@ -310,7 +310,7 @@ def _read_sequence(data: bytes, what: str) -> list[_Item]:
 
 
 def _as_int(item: _Item, what: str) -> int:
-    # RFC 9528 §3.1 / §8: messages are deterministic CBOR; re-encoding must give the same bytes.
+    # RFC 9528 §3.1, §9.8: messages are deterministic CBOR, so re-encoding gives the same bytes.
     if (
         item.major in (_MAJOR_UINT, _MAJOR_NINT)
         and isinstance(item.value, int)
@@ -726,10 +726,10 @@ def _check_suites(suites: Sequence[int]) -> tuple[int, ...]:
     if isinstance(suites, str | bytes) or not suites:
         raise LocalProtocolError("suites must be a non-empty sequence of cipher suite numbers")
     checked = tuple(suites)
-    if len(set(checked)) != len(checked) or any(
-        type(suite) is not int or suite not in SUPPORTED_SUITES for suite in checked
-    ):
-        raise LocalProtocolError(f"suites must be distinct members of {SUPPORTED_SUITES}")
+    if any(type(suite) is not int or suite not in SUPPORTED_SUITES for suite in checked):
+        raise LocalProtocolError(f"suites must be members of {SUPPORTED_SUITES}")
+    if len(set(checked)) != len(checked):
+        raise LocalProtocolError("suites must not repeat")
     return checked
 
 
@@ -808,11 +808,12 @@ class _EdhocParty:
             self._failure = exc.code
             raise
         except BaseException:
+            # A bug on our side also ends the session: half-applied steps must not be retried.
             self._state = EdhocState.FAILED
             raise
         self._state = target
 
-    def _plaintext_length_ok(self, prefix_length: int, ead: bytes, limit: int) -> None:
+    def _check_plaintext_length(self, prefix_length: int, ead: bytes, limit: int) -> None:
         length = prefix_length + len(self._plaintext_id_cred) + _ENCODED_SIGNATURE_LENGTH + len(ead)
         if length > limit:
             raise LocalProtocolError(f"plaintext of {length} bytes exceeds {limit}; shorten ID_CRED or EAD")
@@ -928,7 +929,7 @@ class EdhocInitiator(_EdhocParty):
         """Check Signature_or_MAC_2 against CRED_R and its key (RFC 9528 §5.3.3).
 
         The caller vouches that `public_key` is the key inside `cred_r` and that `cred_r` is
-        acceptable for this peer (§3.5.1). Raises EdhocError(EDHOC_BAD_SIGNATURE).
+        acceptable for this peer (Appendix D). Raises EdhocError(EDHOC_BAD_SIGNATURE).
         """
         cred_r = _check_bytes(cred_r, "CRED_R")
         if not isinstance(public_key, Ed25519PublicKey):
@@ -959,7 +960,7 @@ class EdhocInitiator(_EdhocParty):
         persist them or send protected data before the peer has been authenticated.
         """
         ead_3 = _check_outgoing_ead(ead_3, "EAD_3")
-        self._plaintext_length_ok(0, ead_3, _MAX_AEAD_PLAINTEXT)
+        self._check_plaintext_length(0, ead_3, _MAX_AEAD_PLAINTEXT)
         with self._step(_Step.SEND_MESSAGE_3):
             th_3, prk_3e2m = self._th_3, self._prk_3e2m
             prk_4e3m = prk_3e2m  # method 0: the Initiator has no static DH key (§4.1.1.3)
@@ -1046,7 +1047,7 @@ class EdhocResponder(_EdhocParty):
 
             if method != METHOD_SIGNATURE_SIGNATURE:
                 raise EdhocError(f"method {method} not supported", code=ErrorCode.EDHOC_UNSUPPORTED_METHOD)
-            # §6.3.2: accept only if the selected (last) suite is the first one in SUITES_I we
+            # §5.2.3, §6.3.1: accept only if the selected (last) suite is the first one in SUITES_I we
             # support, so a downgrade by rewriting SUITES_I cannot go unnoticed.
             first_supported = next((suite for suite in suites_i if suite in self._suites), None)
             if first_supported is None or first_supported != suites_i[-1]:
@@ -1082,7 +1083,7 @@ class EdhocResponder(_EdhocParty):
         """Compose message_2 = bstr(G_Y || CIPHERTEXT_2) (RFC 9528 §5.3.1-§5.3.2)."""
         ead_2 = _check_outgoing_ead(ead_2, "EAD_2")
         c_r = _encode_identifier(self._connection_id)
-        self._plaintext_length_ok(len(c_r), ead_2, _MAX_KDF_LENGTH)
+        self._check_plaintext_length(len(c_r), ead_2, _MAX_KDF_LENGTH)
         with self._step(_Step.SEND_MESSAGE_2):
             g_y = self._g_y
             th_2 = _hash(cbor2.dumps(g_y) + cbor2.dumps(self._h_message_1))

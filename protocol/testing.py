@@ -252,7 +252,8 @@ class ScriptedBox:
 
     def _phone_key(self, connection_id: int) -> bytes:
         session = self.connections.session(connection_id)
-        assert session is not None and session.phone_key is not None
+        assert session is not None
+        assert session.phone_key is not None
         return cose.public_key_bytes(session.phone_key)
 
     def _owned(self, connection_id: int, session_id: bytes, request_id: int) -> ScriptedSession | None:
