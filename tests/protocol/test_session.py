@@ -414,3 +414,33 @@ def test_operator_signed_ack_for_this_box_only() -> None:
     pair = ConnectionPair(new_phone(), box)
     pair.phone.send(messages.PushLedgerAck(request_id=4, ledger_ack=ack.sign(OPERATOR)))
     assert error_code(pair.pump(NOW)) is ErrorCode.TOKEN_WRONG_AUDIENCE
+
+
+def test_several_phones_interleaved_fragment_by_fragment_are_told_apart(box: ScriptedBox) -> None:
+    """bless gives the box writes without a sender: only the connection id separates phones."""
+    keys = [testing.ed25519_key(f"crowd phone {i}") for i in range(4)]
+    phones = [new_phone(key=key, att_mtu=23, connection_id=0x2000 + i) for i, key in enumerate(keys)]
+    for i, phone in enumerate(phones):
+        phone.send(
+            messages.StartSession(
+                request_id=1,
+                outlet=i + 1,
+                grant=signed_grant(holder=keys[i], grant_id=b"crowd-0" + bytes([i])),
+            )
+        )
+    results: dict[int, list[PhoneEvent]] = {p.connection_id: [] for p in phones}
+    for _ in range(10):
+        queues = [p.data_to_send() for p in phones]
+        # round-robin: one write from each phone in turn, as a busy radio would deliver them
+        for fragments in itertools.zip_longest(*queues):
+            for fragment in fragments:
+                if fragment is not None:
+                    box.receive_fragment(fragment, NOW)
+        for notification in box.data_to_send():  # bless notifies every subscriber
+            for phone in phones:
+                results[phone.connection_id].extend(phone.receive_fragment(notification, NOW))
+    for i, phone in enumerate(phones):
+        started = only(results[phone.connection_id], messages.SessionStarted)
+        assert isinstance(started, messages.SessionStarted)
+        assert started.outlet == i + 1
+    assert len(box.sessions) == 4
