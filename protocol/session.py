@@ -457,14 +457,13 @@ class BoxConnections:
         session = self._sessions.get(connection_id)
         if session is None:
             if len(self._sessions) >= self._max_connections:
-                self._outbox.extend(
-                    framing.fragment(
-                        connection_id, _link_error(ErrorCode.FRAME_TOO_MANY_CONNECTIONS), att_mtu=23
-                    )
-                )
-                return []
+                # bless never says when a phone left: the least recently heard connection is the
+                # likeliest to be gone, so it makes room (its phone, if still there, reconnects)
+                self.forget(next(iter(self._sessions)))
             session = self._new_session(connection_id=connection_id, ephemeral_key=self._ephemeral_keys())
             self._sessions[connection_id] = session
+        else:
+            self._sessions[connection_id] = self._sessions.pop(connection_id)  # most recently heard last
         events = session.receive_message(event.message, now)
         self._outbox.extend(session.data_to_send())
         if session.state is SessionState.CLOSED:

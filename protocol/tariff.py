@@ -53,3 +53,13 @@ def allocate_cost_fen(cost_fen: int, grant_amounts_fen: Sequence[int]) -> list[i
         charges.append(charge)
         remaining -= charge
     return charges
+
+
+def charged_cost_fen(energy_wh: int, price_fen_per_kwh: int, grants_total_fen: int) -> int:
+    """What a receipt charges: the session's cost, never above the grants that paid for it.
+
+    The box trips before the balance runs out, but the meter may land a fraction of a Wh past the
+    limit; that energy is given away, not charged. Box and server both use this rule.
+    """
+    _check_non_negative(grants_total_fen=grants_total_fen)
+    return min(session_cost_fen(energy_wh, price_fen_per_kwh), grants_total_fen)

@@ -444,3 +444,18 @@ def test_several_phones_interleaved_fragment_by_fragment_are_told_apart(box: Scr
         assert isinstance(started, messages.SessionStarted)
         assert started.outlet == i + 1
     assert len(box.sessions) == 4
+
+
+def test_a_full_box_makes_room_by_dropping_the_least_recently_heard_connection(box: ScriptedBox) -> None:
+    pairs = [ConnectionPair(new_phone(connection_id=0x3000 + i), box) for i in range(9)]
+    for pair in pairs[:8]:
+        pair.pump(NOW)
+    pairs[0].phone.send(messages.ListSessions(request_id=1))  # phone 0 speaks again: phone 1 is now oldest
+    pairs[0].pump(NOW)
+    pairs[8].pump(NOW)  # the ninth phone arrives
+    assert box.connections.session(0x3001) is None
+    assert box.connections.session(0x3000) is not None
+    assert box.connections.session(0x3008) is not None
+    pairs[1].phone.send(messages.ListSessions(request_id=1))
+    failed = [e for e in pairs[1].pump(NOW) if isinstance(e, ConnectionFailed)]
+    assert [f.code for f in failed] == [ErrorCode.EDHOC_UNEXPECTED_MESSAGE]  # told to reconnect
