@@ -9,6 +9,7 @@ import click
 # (subcommand, module, attribute): each part owns its CLI; imported lazily so that
 # `powerbox phone` never pays for the server's imports.
 _SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("box", "box_peripheral.cli", "box"),
     ("demo", "testbench.demo", "demo"),
     ("radio", "testbench.radio.cli", "radio"),
     ("bluez", "testbench.bluez.cli", "bluez"),
