@@ -14,7 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protocol import cose, gatt
 from protocol.errors import ErrorCode, GrantError, TokenError
-from protocol.tokens import BalanceGrant, BoxCertificate, Reservation, RevocationList, UnlockToken, same_key
+from protocol.tokens import (
+    BalanceGrant,
+    BoxCertificate,
+    Reservation,
+    RevocationList,
+    UnlockToken,
+    check_grant_size,
+    same_key,
+)
 
 
 class SpentGrants(Protocol):
@@ -49,8 +57,7 @@ def check_grant(
 ) -> BalanceGrant:
     """S1: operator-signed, unexpired, for this box, unrevoked, held by this connection's key,
     at an accepted price, and not spent here before. Raises TokenError or GrantError."""
-    if len(signed_grant) > 512:
-        raise TokenError("grant too large", code=ErrorCode.TOKEN_TOO_LARGE)
+    check_grant_size(signed_grant)
     grant = BalanceGrant.verify(signed_grant, operator_keys)
     if now >= grant.expires_at:
         raise GrantError("grant expired", code=ErrorCode.GRANT_EXPIRED)

@@ -84,12 +84,28 @@ class ErrorCode(enum.IntEnum):
     LEDGER_COST_MISMATCH = 605
     LEDGER_CLOCK = 606
     LEDGER_DOUBLE_SPEND = 607
+    LEDGER_UNKNOWN_GRANT = 608
 
     # 7xx: hardware and the box itself
     METER_TIMEOUT = 700
     METER_BAD_READING = 701
     BUS_FAULT = 702
     INTERNAL = 799
+
+    # 8xx: settlement server HTTP API (docs/server-api.md)
+    API_UNAUTHENTICATED = 800
+    API_FORBIDDEN = 801
+    API_NOT_FOUND = 802
+    API_MALFORMED = 803
+    API_TOO_LARGE = 804
+    API_CONFLICT = 805
+    API_RATE_LIMITED = 806
+    API_UNAVAILABLE = 807
+    AUTH_FAILED = 808
+    INSUFFICIENT_FUNDS = 809
+    ARREARS_OUTSTANDING = 810
+    PAYMENT_FAILED = 811
+    DEVICE_UNKNOWN = 812
 
 
 class PowerboxError(Exception):

@@ -288,7 +288,12 @@ class BoxSession(_Endpoint):
                 )
                 return [ConnectionFailed(code=code, detail=detail or "phone reported an error", by_peer=True)]
         except EdhocError as exc:
-            self._queue(LinkKind.EDHOC_ERROR, edhoc.encode_error(1, str(int(exc.code))))
+            if exc.code is ErrorCode.EDHOC_UNSUPPORTED_CIPHER_SUITE:
+                # RFC 9528 §6.3: ERR_CODE 2 lists the suites we support, so the phone can retry
+                error = self._edhoc.error_for_wrong_suite()
+            else:
+                error = edhoc.encode_error(1, str(int(exc.code)))
+            self._queue(LinkKind.EDHOC_ERROR, error)
             self._close()
             return [ConnectionFailed(code=exc.code, detail=exc.detail, by_peer=False)]
         except ChannelError as exc:
@@ -456,6 +461,13 @@ class BoxConnections:
         connection_id = event.connection_id
         session = self._sessions.get(connection_id)
         if session is None:
+            if event.message[:1] != bytes([LinkKind.EDHOC_MESSAGE_1]):
+                # a connection we do not know (evicted, or the box restarted): tell it to start over
+                # without making room for it, so stale phones cannot push out live ones
+                self._outbox.extend(
+                    framing.fragment(connection_id, _link_error(ErrorCode.EDHOC_UNEXPECTED_MESSAGE), att_mtu=23)
+                )
+                return []
             if len(self._sessions) >= self._max_connections:
                 # bless never says when a phone left: the least recently heard connection is the
                 # likeliest to be gone, so it makes room (its phone, if still there, reconnects)
@@ -560,6 +572,8 @@ class PhoneSession(_Endpoint):
         if event is None:
             return []
         if isinstance(event, framing.FrameRejected):
+            if event.connection_id is None:
+                return []  # too short to be addressed to anyone: not ours to act on
             return self.abort(event.code, event.detail)
         return self.receive_message(event.message, now)
 

@@ -381,6 +381,7 @@ def test_a_phone_ignores_notifications_for_other_connections(box: ScriptedBox) -
     pair, _ = _capture_handshake(box)
     stranger = framing.fragment(0x999, bytes([LinkKind.LINK_ERROR, 0x01]), att_mtu=247)
     assert pair.phone.receive_fragment(stranger[0], NOW) == []
+    assert pair.phone.receive_fragment(b"\x01", NOW) == []  # too short to name a connection
     assert pair.phone.state is SessionState.OPEN
 
 
@@ -459,3 +460,5 @@ def test_a_full_box_makes_room_by_dropping_the_least_recently_heard_connection(b
     pairs[1].phone.send(messages.ListSessions(request_id=1))
     failed = [e for e in pairs[1].pump(NOW) if isinstance(e, ConnectionFailed)]
     assert [f.code for f in failed] == [ErrorCode.EDHOC_UNEXPECTED_MESSAGE]  # told to reconnect
+    # the stale phone's record did not push out a live connection
+    assert all(box.connections.session(0x3000 + i) is not None for i in (0, *range(2, 9)))
