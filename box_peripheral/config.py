@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from box_peripheral.controller import BoxPolicy
+from box_peripheral.hardware.config import HardwareConfig, HardwareConfigError
 from protocol import cose
 from protocol.errors import ErrorCode, PowerboxError, TokenError
 from protocol.tokens import BoxCertificate
@@ -69,7 +70,7 @@ class BoxConfig:
     database: Path
     operator_keys: dict[bytes, Ed25519PublicKey]
     operator_encryption_key: X25519PublicKey
-    hardware: dict[str, Any]
+    hardware: HardwareConfig
     policy: BoxPolicy
     uplink: UplinkConfig
 
@@ -157,6 +158,10 @@ def load_config(path: Path) -> BoxConfig:
         enabled=bool(uplink_table.get("enabled", True)),
         poll_seconds=int(uplink_table.get("poll_seconds", 20)),
     )
+    try:
+        hardware = HardwareConfig.from_mapping(_table(document, "hardware"))
+    except HardwareConfigError as exc:
+        raise ConfigError(f"[hardware]: {exc.detail}") from None
     return BoxConfig(
         path=path,
         certificate=certificate,
@@ -165,7 +170,7 @@ def load_config(path: Path) -> BoxConfig:
         database=base / str(box.get("database", "box.sqlite")),
         operator_keys=ring,
         operator_encryption_key=encryption_key,
-        hardware=_table(document, "hardware"),
+        hardware=hardware,
         policy=BoxPolicy(**policy_table),
         uplink=uplink,
     )

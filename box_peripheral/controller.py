@@ -66,8 +66,24 @@ class _Live:
     """What the poll loop keeps per running session, besides the store."""
 
     last_reading: OutletReading | None = None
-    trip_task: asyncio.Task[None] | None = None
+    # Where the energy register last stepped, to estimate energy finer than its resolution:
+    # the register value and the monotonic ms when the step happened (midpoint of two polls).
+    anchor_register_wh: int | None = None
+    anchor_ms: int = 0
+    last_poll_ms: int = 0
+    trip_at_ms: int | None = None  # the balance runs out before the next poll: trip then
     connections: set[int] = field(default_factory=set)
+
+    def estimated_mwh(self, register_wh: int, power_w: int, now_ms: int) -> int:
+        """Energy register plus what the present power has added since its last step, in mWh."""
+        if self.anchor_register_wh is None or register_wh != self.anchor_register_wh:
+            # a new step: it happened somewhere since the previous poll; assume halfway
+            self.anchor_ms = (
+                (self.last_poll_ms + now_ms) // 2 if self.anchor_register_wh is not None else now_ms
+            )
+            self.anchor_register_wh = register_wh
+        self.last_poll_ms = now_ms
+        return register_wh * 1000 + power_w * (now_ms - self.anchor_ms) // 3600
 
 
 class BoxController:
@@ -84,6 +100,7 @@ class BoxController:
         clock: BoxClock,
         policy: BoxPolicy,
         random_bytes: Callable[[int], bytes],
+        monotonic_ms: Callable[[], int],
     ) -> None:
         self.certificate = certificate
         self.box_id = certificate.box_id
@@ -94,11 +111,14 @@ class BoxController:
         self.clock = clock
         self.policy = policy
         self._random = random_bytes
+        self._monotonic_ms = monotonic_ms
         self._revocations: tokens.RevocationList | None = None
         self._tariff_table: tokens.TariffTable | None = None
         self._spent: set[bytes] = set()
         self._live: dict[bytes, _Live] = {}
         self._busy_outlets: set[int] = set()
+        # breakers the box failed to open (bus down): retried every poll until the relay obeys
+        self._must_open: set[int] = set()
         self._lock = asyncio.Lock()
         self.notify: Callable[[bytes], Awaitable[None] | None] = lambda fragment: None
         self.connections = BoxConnections(
@@ -129,10 +149,7 @@ class BoxController:
     async def start(self) -> None:
         """Open breakers, reload state, close sessions a crash interrupted, log the boot."""
         for outlet in self.certificate.outlets:
-            try:
-                await self.hardware.set_breaker(outlet.number, False)
-            except HardwareError as exc:
-                log.error("cannot open breaker of outlet %d at boot: %s", outlet.number, exc.detail)
+            await self._open_breaker(outlet.number)
         revocations = await self.store.setting(REVOCATION_LIST)
         if revocations is not None:
             self._revocations = tokens.RevocationList.decode_unverified(revocations)
@@ -354,7 +371,9 @@ class BoxController:
         except StoreError as exc:
             raise PowerboxError(exc.detail, code=exc.code) from None
         self._spent.add(event.grant.grant_id)
-        self._cancel_trip(updated.session_id)
+        live = self._live.get(updated.session_id)
+        if live is not None:
+            live.trip_at_ms = None  # the next poll plans again with the larger balance
         self.connections.send(
             connection_id,
             messages.ToppedUp(
@@ -547,6 +566,7 @@ class BoxController:
     async def _poll(self) -> None:
         now = self.clock.now()
         await self.store.put_setting(CLOCK_HIGH_WATER, now.to_bytes(8, "big"))
+        await self._retry_open_breakers()
         running = await self.store.running_sessions()
         if not running:
             return
@@ -589,7 +609,11 @@ class BoxController:
         if reading.power_w > outlet.rated_power_w:
             await self.end_session(session.session_id, EndReason.OVERLOAD)
             return
-        if limit is not None and reading.energy_wh >= limit:
+        now_ms = self._monotonic_ms()
+        estimated_mwh = live.estimated_mwh(reading.energy_wh, reading.power_w, now_ms)
+        if limit is not None and (
+            estimated_mwh >= limit * 1000 or (live.trip_at_ms is not None and now_ms >= live.trip_at_ms)
+        ):
             await self.end_session(session.session_id, EndReason.BALANCE_EXHAUSTED)
             return
         if now >= session.max_end_time:
@@ -598,14 +622,19 @@ class BoxController:
         if not had_load and now - session.last_load_time >= self.policy.idle_timeout_s:
             await self.end_session(session.session_id, EndReason.IDLE)
             return
-        if limit is not None and reading.power_w > 0 and live.trip_task is None:
-            # predict one interval ahead: if the balance runs out before the next poll, trip on time
-            remaining_wh = limit - reading.energy_wh
-            milliseconds_left = remaining_wh * 3_600_000 // reading.power_w
+        live.trip_at_ms = None
+        if limit is not None and reading.power_w > 0:
+            # predict one interval ahead: if the balance runs out before the next poll, the poll
+            # loop wakes at that moment (less the relay's latency) to trip
+            milliseconds_left = (limit * 1000 - estimated_mwh) * 3600 // reading.power_w
             if milliseconds_left <= self.policy.poll_interval_ms + self.policy.relay_latency_ms:
-                delay = max(0, milliseconds_left - self.policy.relay_latency_ms)
-                live.trip_task = asyncio.create_task(self._trip_later(session.session_id, delay))
+                live.trip_at_ms = now_ms + max(0, milliseconds_left - self.policy.relay_latency_ms)
         self._send_reading(session, reading, now, live)
+
+    def next_wakeup_ms(self) -> int | None:
+        """The earliest planned trip, for the poll loop to wake at; None if none is planned."""
+        deadlines = [live.trip_at_ms for live in self._live.values() if live.trip_at_ms is not None]
+        return min(deadlines, default=None)
 
     def _send_reading(self, session: StoredSession, reading: OutletReading, now: int, live: _Live) -> None:
         cost = self._cost(session)
@@ -623,30 +652,24 @@ class BoxController:
             if not self.connections.send(connection_id, message):
                 live.connections.discard(connection_id)
 
-    async def _trip_later(self, session_id: bytes, delay_ms: int) -> None:
-        await asyncio.sleep(delay_ms / 1000)
-        async with self._lock:
-            live = self._live.get(session_id)
-            if live is not None:
-                live.trip_task = None
-            session = await self.store.session(session_id)
-            if session is None or session.end_time is not None:
-                return
-            await self.end_session(session_id, EndReason.BALANCE_EXHAUSTED)
-            await self._flush()
+    async def _open_breaker(self, outlet: int) -> bool:
+        """Cut an outlet; if the bus refuses, remember it and retry on every poll."""
+        try:
+            await self.hardware.set_breaker(outlet, False)
+        except HardwareError as exc:
+            log.error("cannot open breaker of outlet %d (will retry): %s", outlet, exc.detail)
+            self._must_open.add(outlet)
+            return False
+        self._must_open.discard(outlet)
+        return True
 
-    def _cancel_trip(self, session_id: bytes) -> None:
-        live = self._live.get(session_id)
-        if live is not None and live.trip_task is not None:
-            live.trip_task.cancel()
-            live.trip_task = None
+    async def _retry_open_breakers(self) -> None:
+        for outlet in sorted(self._must_open):
+            await self._open_breaker(outlet)
 
     async def _tamper(self, running: list[StoredSession]) -> None:
         for session in running:
-            try:
-                await self.hardware.set_breaker(session.outlet, False)
-            except HardwareError as exc:
-                log.error("tamper: cannot open breaker of outlet %d: %s", session.outlet, exc.detail)
+            await self._open_breaker(session.outlet)
         await self.store.append(
             kind=EntryKind.TAMPER,
             body=tokens.TamperBody(tripped_outlets=tuple(s.outlet for s in running)),
@@ -658,10 +681,7 @@ class BoxController:
 
     async def _fault(self, session: StoredSession, error: HardwareError) -> None:
         log.error("fault on outlet %d: %s", session.outlet, error.detail)
-        try:
-            await self.hardware.set_breaker(session.outlet, False)
-        except HardwareError:
-            log.error("cannot open breaker of outlet %d after a fault", session.outlet)
+        await self._open_breaker(session.outlet)
         await self.store.append(
             kind=EntryKind.FAULT,
             body=tokens.FaultBody(code=error.code, outlet=session.outlet, detail=error.detail[:200]),
@@ -687,11 +707,10 @@ class BoxController:
         session = await self.store.session(session_id)
         if session is None or session.end_time is not None:
             return None
-        self._cancel_trip(session_id)
         end_register = session.last_register_wh
+        if not breaker_open:
+            await self._open_breaker(session.outlet)
         try:
-            if not breaker_open:
-                await self.hardware.set_breaker(session.outlet, False)
             final = await self.hardware.read_outlet(session.outlet)
             if final.energy_wh >= session.last_register_wh:
                 end_register = final.energy_wh
@@ -767,11 +786,6 @@ class BoxController:
                     await self._flush()
                     return True
             return False
-
-    async def shutdown(self) -> None:
-        for live in self._live.values():
-            if live.trip_task is not None:
-                live.trip_task.cancel()
 
 
 def _request_id(event: BoxEvent) -> int:
