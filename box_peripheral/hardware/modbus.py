@@ -239,6 +239,10 @@ class ModbusHardware:
                         raise
                     logger.info("Modbus request failed (%s); retrying once", error)
                     continue
+                except asyncio.CancelledError:
+                    # The answer may still come; on RTU nothing would tell it from the next one.
+                    self._drop_client()
+                    raise
                 if (
                     response.isError()
                     and response.exception_code in _RETRYABLE_EXCEPTION_CODES
