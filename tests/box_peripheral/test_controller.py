@@ -12,7 +12,7 @@ from box_peripheral.hardware.memory import MemoryHardware
 from protocol import cose, messages, sealing, tariff, tokens
 from protocol.errors import ErrorCode
 from protocol.tokens import Door, EndReason, EntryKind
-from tests.box_peripheral.rig import BOX_KEY, OPERATOR, START_TIME, box_rig, operator_encryption_keys
+from testbench.box_rig import BOX_KEY, OPERATOR, START_TIME, box_rig, operator_encryption_keys
 
 PRICE = 120  # the box's default tariff, fen per kWh
 
@@ -33,13 +33,13 @@ async def ledger_kinds(rig_store: object) -> list[EntryKind]:
 
 
 async def test_start_unlocks_the_door_closes_the_breaker_and_streams_readings(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         started = await rig.start(phone, outlet=2)
         assert started.balance_fen == 500
-        assert await rig.hardware.breaker_closed(2)
-        assert rig.hardware.lock_pulses(Door.OUTLET, 2) == 1
-        rig.hardware.set_load(2, 2000)
+        assert await hw.breaker_closed(2)
+        assert hw.lock_pulses(Door.OUTLET, 2) == 1
+        hw.set_load(2, 2000)
         await rig.run_for(90_000)
         reading = phone.last(messages.MeterReading)
         assert isinstance(reading, messages.MeterReading)
@@ -51,28 +51,28 @@ async def test_start_unlocks_the_door_closes_the_breaker_and_streams_readings(tm
 
 @pytest.mark.parametrize("watts", [100, 1000, 3500])
 async def test_the_breaker_trips_before_the_balance_is_exceeded(tmp_path: Path, watts: int) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         started = await rig.start(phone, outlet=1, amount_fen=6)  # 6 fen buys 58 Wh at 120 fen/kWh
         affordable_wh = tariff.energy_affordable_wh(6, PRICE)
         assert affordable_wh == 58
-        rig.hardware.set_load(1, watts)
+        hw.set_load(1, watts)
         await rig.run_for(58 * 3_600_000 // watts + 5_000)
         receipt = receipt_of(phone.last(messages.SessionEnded))
         assert receipt.end_reason is EndReason.BALANCE_EXHAUSTED
         assert receipt.cost_fen <= 6
-        assert not await rig.hardware.breaker_closed(1)
-        delivered_mwh = rig.hardware.delivered_mwh(1)
+        assert not await hw.breaker_closed(1)
+        delivered_mwh = hw.delivered_mwh(1)
         assert delivered_mwh <= affordable_wh * 1000 + 1000  # at most 1 Wh given away
         assert delivered_mwh >= (affordable_wh - 1) * 1000  # and the user got what was paid for
         assert receipt.session_id == started.session_id
 
 
 async def test_a_top_up_extends_a_running_session(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         started = await rig.start(phone, amount_fen=6)
-        rig.hardware.set_load(1, 3000)
+        hw.set_load(1, 3000)
         await rig.run_for(30_000)
         await rig.request(
             phone,
@@ -89,14 +89,14 @@ async def test_a_top_up_extends_a_running_session(tmp_path: Path) -> None:
         receipt = receipt_of(phone.last(messages.SessionEnded))
         assert receipt.end_reason is EndReason.BALANCE_EXHAUSTED
         assert len(receipt.grant_ids) == 2
-        assert rig.hardware.delivered_mwh(1) <= (tariff.energy_affordable_wh(18, PRICE) or 0) * 1000 + 1000
+        assert hw.delivered_mwh(1) <= (tariff.energy_affordable_wh(18, PRICE) or 0) * 1000 + 1000
 
 
 async def test_user_stop_gives_a_signed_receipt(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         started = await rig.start(phone)
-        rig.hardware.set_load(1, 1000)
+        hw.set_load(1, 1000)
         await rig.run_for(36_000)
         await rig.request(
             phone,
@@ -106,14 +106,14 @@ async def test_user_stop_gives_a_signed_receipt(tmp_path: Path) -> None:
         assert receipt.end_reason is EndReason.USER_STOP
         assert receipt.energy_wh == receipt.end_register_wh - receipt.start_register_wh
         assert receipt.cost_fen == tariff.session_cost_fen(receipt.energy_wh, PRICE)
-        assert not await rig.hardware.breaker_closed(1)
+        assert not await hw.breaker_closed(1)
         # the owner may still open the outlet door to unplug
         await rig.request(
             phone,
             messages.OpenOutletDoor(request_id=phone.session.new_request_id(), session_id=started.session_id),
         )
         assert isinstance(phone.last(messages.DoorOpened), messages.DoorOpened)
-        assert rig.hardware.lock_pulses(Door.OUTLET, 1) == 2
+        assert hw.lock_pulses(Door.OUTLET, 1) == 2
 
 
 @pytest.mark.parametrize(
@@ -128,31 +128,31 @@ async def test_user_stop_gives_a_signed_receipt(tmp_path: Path) -> None:
     ],
 )
 async def test_every_way_a_session_ends_on_its_own(tmp_path: Path, setup: str, reason: EndReason) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         await rig.start(phone, outlet=3)
-        rig.hardware.set_load(3, 500)
+        hw.set_load(3, 500)
         await rig.run_for(120_000)  # 16 Wh: the register shows 10
         match setup:
             case "overload":
-                rig.hardware.set_load(3, 5000)  # rated 3500 W
+                hw.set_load(3, 5000)  # rated 3500 W
             case "tamper":
-                rig.hardware.open_door(Door.METERING_BOX, 0)
+                hw.open_door(Door.METERING_BOX, 0)
             case "idle":
-                rig.hardware.unplug(3)
+                hw.unplug(3)
                 await rig.run_for(60_000)
             case "meter timeout":
-                rig.hardware.fail_next_read(3, ErrorCode.METER_TIMEOUT)
+                hw.fail_next_read(3, ErrorCode.METER_TIMEOUT)
             case "register backwards":
-                rig.hardware.jump_energy_backwards(3, 20)
+                hw.jump_energy_backwards(3, 20)
             case "bus down":
-                rig.hardware.set_bus_down(True)
+                hw.set_bus_down(True)
         await rig.run_for(2_000)
-        rig.hardware.clear_faults()
+        hw.clear_faults()
         await rig.run_for(1_000)  # a breaker the dead bus kept closed is opened once it answers
         receipt = receipt_of(phone.last(messages.SessionEnded))
         assert receipt.end_reason is reason
-        assert not await rig.hardware.breaker_closed(3)
+        assert not await hw.breaker_closed(3)
         kinds = await ledger_kinds(rig.controller.store)
         if reason is EndReason.TAMPER:
             assert EntryKind.TAMPER in kinds
@@ -163,22 +163,24 @@ async def test_every_way_a_session_ends_on_its_own(tmp_path: Path, setup: str, r
 
 async def test_the_grant_maximum_length_ends_a_session(tmp_path: Path) -> None:
     # poll once a minute here: twelve hours of one-second polls would only slow the test
-    async with box_rig(tmp_path / "box.sqlite", policy=BoxPolicy(poll_interval_ms=60_000)) as rig:
+    async with box_rig(
+        tmp_path / "box.sqlite", hardware=(hw := MemoryHardware()), policy=BoxPolicy(poll_interval_ms=60_000)
+    ) as rig:
         phone = rig.phone()
         await rig.start(phone)
-        rig.hardware.set_load(1, 10)  # 10 W: the balance lasts far longer than 12 hours
+        hw.set_load(1, 10)  # 10 W: the balance lasts far longer than 12 hours
         await rig.run_for(12 * 3600 * 1000 + 2000)
         assert receipt_of(phone.last(messages.SessionEnded)).end_reason is EndReason.MAX_DURATION
 
 
 async def test_no_power_while_the_metering_box_door_is_open(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
-        rig.hardware.open_door(Door.METERING_BOX, 0)
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
+        hw.open_door(Door.METERING_BOX, 0)
         phone = rig.phone()
         phone.session.send(messages.StartSession(request_id=7, outlet=1, grant=rig.grant(phone)))
         await rig.pump()
         assert phone.errors() == [ErrorCode.METERING_DOOR_OPEN]
-        assert not await rig.hardware.breaker_closed(1)
+        assert not await hw.breaker_closed(1)
 
 
 async def test_busy_and_unknown_outlets_and_spent_grants_are_refused(tmp_path: Path) -> None:
@@ -197,10 +199,10 @@ async def test_busy_and_unknown_outlets_and_spent_grants_are_refused(tmp_path: P
 
 
 async def test_a_phone_that_walked_away_sees_its_session_again(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         phone = rig.phone()
         started = await rig.start(phone)
-        rig.hardware.set_load(1, 1500)
+        hw.set_load(1, 1500)
         rig.phones.remove(phone)  # out of range
         rig.controller.connections.forget(phone.session.connection_id)
         await rig.run_for(60_000)
@@ -286,7 +288,7 @@ async def test_newer_tariff_applies_to_new_sessions_and_older_versions_are_refus
 
 
 async def test_a_technician_token_opens_the_metering_box_only_when_no_session_runs(tmp_path: Path) -> None:
-    async with box_rig(tmp_path / "box.sqlite") as rig:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
         technician = rig.phone()
         token = tokens.UnlockToken(
             token_id=b"unlock-9",
@@ -306,5 +308,5 @@ async def test_a_technician_token_opens_the_metering_box_only_when_no_session_ru
         await rig.controller.remote_stop(outlet=1)
         await rig.request(technician, messages.OpenDoorWithToken(request_id=2, unlock_token=token))
         assert isinstance(technician.last(messages.DoorOpened), messages.DoorOpened)
-        assert rig.hardware.lock_pulses(Door.METERING_BOX, 0) == 1
+        assert hw.lock_pulses(Door.METERING_BOX, 0) == 1
         assert receipt_of(user.last(messages.SessionEnded)).end_reason is EndReason.REMOTE_STOP

@@ -1,14 +1,16 @@
-"""A box controller on in-memory hardware and a real SQLite store, with phones joined in memory.
+"""A box controller on test hardware and a real SQLite store, with phones joined in memory.
 
-Time is the test's: the wall clock, the monotonic clock and the hardware's energy all move only
-when `advance` is called, so fee control is checked exactly, without sleeping.
+For tests and benchmarks of the box's own logic, without the radio. Time is the caller's: the
+wall clock, the monotonic clock and the hardware's energy all move only when `advance` is
+called, so fee control is checked exactly, without sleeping. The hardware is the in-memory
+driver, or the Modbus driver against an in-process simulated plant.
 """
 
 from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from box_peripheral.clock import BoxClock
 from box_peripheral.controller import BoxController, BoxPolicy
+from box_peripheral.hardware.base import BoxHardware
 from box_peripheral.hardware.memory import MemoryHardware
 from box_peripheral.store import BoxStore
 from protocol import cose, gatt, messages, sealing, testing
@@ -52,10 +55,17 @@ class Phone:
 
 
 class Rig:
-    def __init__(self, controller: BoxController, hardware: MemoryHardware, clock: list[int]) -> None:
+    def __init__(
+        self,
+        controller: BoxController,
+        hardware: BoxHardware,
+        clock: list[int],
+        advance: Callable[[int], None],
+    ) -> None:
         self.controller = controller
         self.hardware = hardware
         self._clock = clock  # [wall ms, monotonic ms]
+        self._advance_hardware = advance
         self.phones: list[Phone] = []
         self._writes: list[bytes] = []
         controller.notify = self._broadcast
@@ -65,7 +75,7 @@ class Rig:
         return self._clock[0] // 1000
 
     def advance(self, milliseconds: int) -> None:
-        self.hardware.advance(milliseconds)
+        self._advance_hardware(milliseconds)
         self._clock[0] += milliseconds
         self._clock[1] += milliseconds
 
@@ -155,12 +165,21 @@ def operator_encryption_keys() -> dict[bytes, X25519PrivateKey]:
 async def box_rig(
     database: Path,
     *,
-    hardware: MemoryHardware | None = None,
+    hardware: BoxHardware | None = None,
+    advance: Callable[[int], None] | None = None,
     clock: list[int] | None = None,
     policy: BoxPolicy = POLICY,
 ) -> AsyncIterator[Rig]:
-    """A started box controller; reuse `database`, `hardware` and `clock` to model a restart."""
-    hardware = hardware or MemoryHardware(outlets=(1, 2, 3, 4))
+    """A started box controller; reuse `database`, `hardware` and `clock` to model a restart.
+
+    Without `hardware`, a MemoryHardware; with another driver, `advance` moves its time.
+    """
+    if hardware is None:
+        hardware = MemoryHardware(outlets=(1, 2, 3, 4))
+    if advance is None:
+        if not isinstance(hardware, MemoryHardware):
+            raise TypeError("pass `advance` to move the time of this hardware")
+        advance = hardware.advance
     clock = clock if clock is not None else [START_TIME * 1000, 0]
     certificate = testing.sample_certificate(BOX_KEY)
     signing_key = cose.SigningKey.from_private_key(BOX_KEY)
@@ -179,4 +198,4 @@ async def box_rig(
             monotonic_ms=lambda: clock[1],
         )
         await controller.start()
-        yield Rig(controller, hardware, clock)
+        yield Rig(controller, hardware, clock, advance)
