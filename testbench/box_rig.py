@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Rig:
         self._advance_hardware = advance
         self.phones: list[Phone] = []
         self._writes: list[bytes] = []
+        self.box_cpu_ns = 0  # CPU spent inside the controller on writes (phones' own work excluded)
         controller.notify = self._broadcast
 
     @property
@@ -90,7 +92,9 @@ class Rig:
             self._writes.extend(phone.session.data_to_send())
         while self._writes:
             fragment = self._writes.pop(0)
+            started = time.process_time_ns()
             await self.controller.on_write(fragment)
+            self.box_cpu_ns += time.process_time_ns() - started
 
     async def poll(self) -> None:
         await self.controller.poll_once()
