@@ -94,6 +94,8 @@ def run(config_path: Path, log_format: str, log_level: str) -> None:
         JsonLogFormatter() if log_format == "json" else logging.Formatter("%(levelname)s %(message)s")
     )
     logging.basicConfig(level=log_level.upper(), handlers=[handler], force=True)
+    # every bus failure reaches the daemon as a HardwareError; pymodbus's own frame dumps are noise
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,7 +104,7 @@ def run(config_path: Path, log_format: str, log_level: str) -> None:
             loop.add_signal_handler(signum, stop.set)
 
         def ready(_: object) -> None:
-            print(json.dumps({"ready": True, "box_id": config.certificate.box_id}), flush=True)
+            print(json.dumps({"event": "ready", "box_id": config.certificate.box_id}), flush=True)
 
         await run_box(config, stop=stop, ready=ready)
 

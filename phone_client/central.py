@@ -185,7 +185,14 @@ async def connect_to_box(
     except (BleakError, TimeoutError) as exc:
         raise BoxUnreachableError(f"connect failed: {exc}") from None
     try:
-        att_mtu = max(framing.ATT_MTU_MIN, min(framing.ATT_MTU_MAX, client.mtu_size))
+        # bleak on BlueZ reports mtu_size 23 until it acquires a write handle; the write
+        # characteristic's own limit is the negotiated ATT MTU less the 3-byte ATT header
+        write = client.services.get_characteristic(gatt.WRITE_CHARACTERISTIC_UUID)
+        if write is None:
+            raise BoxUnreachableError("not a powerbox: no write characteristic")
+        att_mtu = max(
+            framing.ATT_MTU_MIN, min(framing.ATT_MTU_MAX, write.max_write_without_response_size + 3)
+        )
         session = PhoneSession(
             connection_id=1 + secrets.randbelow(framing.MAX_CONNECTION_ID),
             phone_key=phone_key,

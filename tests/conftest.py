@@ -1,4 +1,4 @@
-"""BLE test-bench fixtures: a session radio and a per-test testbed (see testbench.pytest_fixtures)."""
+"""Fixtures shared by every test package: the BLE test bench (virtual radio, nodes, processes)."""
 
 from testbench.pytest_fixtures import ble_controller_pool, ble_radio, ble_testbed
 
