@@ -10,7 +10,8 @@ from powerbox_cli import main
 def test_demo_walks_through_unlock_to_receipt() -> None:
     result = CliRunner().invoke(main, ["demo", "--mtu", "23"])
     assert result.exit_code == 0, result.output
-    for step in ("EDHOC message_1", "StartSession", "SessionStarted", "MeterReading", "ToppedUp", "SessionEnded"):
+    steps = ("EDHOC message_1", "StartSession", "SessionStarted", "MeterReading", "ToppedUp", "SessionEnded")
+    for step in steps:
         assert step in result.output
     assert "2 ATT round trips" in result.output
     assert "ended by USER_STOP" in result.output

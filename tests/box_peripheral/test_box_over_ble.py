@@ -169,8 +169,8 @@ async def test_balance_exhausted_overload_tamper_and_idle(box_on_radio: BoxOnRad
 async def test_four_phones_on_four_outlets_at_once(box_on_radio: BoxOnRadio) -> None:
     phones = [await box_on_radio.phone(f"crowd{i}") for i in range(4)]
     replies = [await unlock(p, box_on_radio.box, f"crowd{i}", i + 1) for i, p in enumerate(phones)]
-    for index, phone in enumerate(phones):
-        await box_on_radio.plant.control.set_load(index + 1, 500 + 100 * index)
+    for outlet in (1, 2, 3, 4):
+        await box_on_radio.plant.control.set_load(outlet, 400 + 100 * outlet)
     for index, phone in enumerate(phones):
         watts = 500 + 100 * index
         await phone.wait_event("message", within=TIMEOUT, type="MeterReading", power_w=watts)
