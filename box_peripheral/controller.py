@@ -119,6 +119,7 @@ class BoxController:
         self._busy_outlets: set[int] = set()
         # breakers the box failed to open (bus down): retried every poll until the relay obeys
         self._must_open: set[int] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self.notify: Callable[[bytes], Awaitable[None] | None] = lambda fragment: None
         self.connections = BoxConnections(
@@ -316,17 +317,12 @@ class BoxController:
         self._busy_outlets.add(outlet.number)
         self._live[session.session_id] = _Live(last_reading=start_reading, connections={connection_id})
         try:
-            await self.hardware.unlock_door(Door.OUTLET, outlet.number)
             await self.hardware.set_breaker(outlet.number, True)
         except HardwareError as exc:
             await self._fault(session, exc)
             raise PowerboxError(exc.detail, code=ErrorCode.OUTLET_FAULT) from None
-        await self.store.append(
-            kind=EntryKind.DOOR_OPENED,
-            body=tokens.DoorBody(door=Door.OUTLET, outlet=outlet.number, token_id=session.session_id),
-            time=now,
-            quality=self.clock.quality(),
-        )
+        # the lock pulse takes half a second: power and the answer do not wait for it
+        self._pulse_door(Door.OUTLET, outlet.number, session.session_id, answer=None)
         self.connections.send(
             connection_id,
             messages.SessionStarted(
@@ -407,12 +403,11 @@ class BoxController:
                 session = await self._owned(connection_id, request.session_id)
                 if session.end_time is not None and now - session.end_time > self.policy.door_window_s:
                     raise PowerboxError("session ended too long ago", code=ErrorCode.SESSION_UNKNOWN)
-                await self._unlock(Door.OUTLET, session.outlet, session.session_id)
-                self.connections.send(
-                    connection_id,
-                    messages.DoorOpened(
-                        request_id=request.request_id, door=Door.OUTLET, outlet=session.outlet
-                    ),
+                self._pulse_door(
+                    Door.OUTLET,
+                    session.outlet,
+                    session.session_id,
+                    answer=(connection_id, request.request_id),
                 )
             case messages.RequestLedgerEntries():
                 await self._carry(connection_id, request)
@@ -442,17 +437,44 @@ class BoxController:
                     ),
                 )
 
-    async def _unlock(self, door: Door, outlet: int, token_id: bytes) -> None:
+    def _pulse_door(
+        self, door: Door, outlet: int, token_id: bytes, *, answer: tuple[int, int] | None
+    ) -> None:
+        """Pulse a lock in the background (it lasts about half a second), then log it and answer
+        (connection id, request id) with DoorOpened, or with OUTLET_FAULT if the bus failed."""
+        task = asyncio.create_task(self._pulse(door, outlet, token_id, answer))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _pulse(self, door: Door, outlet: int, token_id: bytes, answer: tuple[int, int] | None) -> None:
         try:
             await self.hardware.unlock_door(door, outlet)
+            failure = None
         except HardwareError as exc:
-            raise PowerboxError(exc.detail, code=ErrorCode.OUTLET_FAULT) from None
-        await self.store.append(
-            kind=EntryKind.DOOR_OPENED,
-            body=tokens.DoorBody(door=door, outlet=outlet, token_id=token_id),
-            time=self.clock.now(),
-            quality=self.clock.quality(),
-        )
+            log.error("cannot unlock %s %d: %s", door.name, outlet, exc.detail)
+            failure = exc
+        async with self._lock:
+            if failure is None:
+                await self.store.append(
+                    kind=EntryKind.DOOR_OPENED,
+                    body=tokens.DoorBody(door=door, outlet=outlet, token_id=token_id),
+                    time=self.clock.now(),
+                    quality=self.clock.quality(),
+                )
+            if answer is not None:
+                connection_id, request_id = answer
+                reply: messages.BoxMessage = (
+                    messages.DoorOpened(request_id=request_id, door=door, outlet=outlet)
+                    if failure is None
+                    else messages.ErrorMessage(request_id=request_id, code=ErrorCode.OUTLET_FAULT)
+                )
+                self.connections.send(connection_id, reply)
+            await self._flush()
+
+    async def settle(self) -> None:
+        """Wait for lock pulses in progress (tests, and a clean shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _open_with_token(self, connection_id: int, request_id: int, token: tokens.UnlockToken) -> None:
         if token.door is Door.METERING_BOX and await self.store.running_sessions():
@@ -460,10 +482,7 @@ class BoxController:
             raise PowerboxError("sessions running", code=ErrorCode.BOX_BUSY)
         if token.door is Door.OUTLET and self.certificate.outlet(token.outlet) is None:
             raise PowerboxError("no such outlet", code=ErrorCode.OUTLET_UNKNOWN)
-        await self._unlock(token.door, token.outlet, token.token_id)
-        self.connections.send(
-            connection_id, messages.DoorOpened(request_id=request_id, door=token.door, outlet=token.outlet)
-        )
+        self._pulse_door(token.door, token.outlet, token.token_id, answer=(connection_id, request_id))
 
     async def _update(self, connection_id: int, event: UpdateReceived) -> None:
         request, update = event.request, event.update

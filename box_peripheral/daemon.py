@@ -87,4 +87,5 @@ async def run_box(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await gatt_server.stop()
+            await controller.settle()
             await hardware.close()

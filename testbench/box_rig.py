@@ -91,10 +91,12 @@ class Rig:
         for phone in self.phones:
             self._writes.extend(phone.session.data_to_send())
         while self._writes:
-            fragment = self._writes.pop(0)
-            started = time.process_time_ns()
-            await self.controller.on_write(fragment)
-            self.box_cpu_ns += time.process_time_ns() - started
+            while self._writes:
+                fragment = self._writes.pop(0)
+                started = time.process_time_ns()
+                await self.controller.on_write(fragment)
+                self.box_cpu_ns += time.process_time_ns() - started
+            await self.controller.settle()  # door pulses answer when they are done
 
     async def poll(self) -> None:
         await self.controller.poll_once()
