@@ -145,9 +145,11 @@ def main() -> None:
         "|---|---|---|---|",
         f"| scan-to-power (ms) | {results['scan_to_power_ms_p50']} | {results['scan_to_power_ms_p95']} | "
         f"p50 <= {TARGET_SCAN_TO_POWER_P50_MS:g} |",
-        f"| connect-to-power (ms) | {results['connect_to_power_ms_p50']} | {results['connect_to_power_ms_p95']} | |",
+        f"| connect-to-power (ms) | {results['connect_to_power_ms_p50']} | "
+        f"{results['connect_to_power_ms_p95']} | |",
         "",
-        f"Daemon RSS: {results['daemon_rss_mb_idle']} MB idle, {results['daemon_rss_mb_after']} MB after the rounds "
+        f"Daemon RSS: {results['daemon_rss_mb_idle']} MB idle, "
+        f"{results['daemon_rss_mb_after']} MB after the rounds "
         f"(target <= {TARGET_RSS_MB:g} MB).",
         "",
         f"Targets met: {results['targets_met']}",

@@ -33,7 +33,11 @@ async def run(iterations: int, workdir: Path) -> dict[str, object]:
                 elapsed = time.monotonic() - started
         finally:
             await testbed.aclose()
-    return {"benchmark": "box crash loop (SIGKILL during sessions)", "seconds": round(elapsed, 1), **asdict(report)}
+    return {
+        "benchmark": "box crash loop (SIGKILL during sessions)",
+        "seconds": round(elapsed, 1),
+        **asdict(report),
+    }
 
 
 def main() -> None:

@@ -465,7 +465,9 @@ class BoxConnections:
                 # a connection we do not know (evicted, or the box restarted): tell it to start over
                 # without making room for it, so stale phones cannot push out live ones
                 self._outbox.extend(
-                    framing.fragment(connection_id, _link_error(ErrorCode.EDHOC_UNEXPECTED_MESSAGE), att_mtu=23)
+                    framing.fragment(
+                        connection_id, _link_error(ErrorCode.EDHOC_UNEXPECTED_MESSAGE), att_mtu=23
+                    )
                 )
                 return []
             if len(self._sessions) >= self._max_connections:
