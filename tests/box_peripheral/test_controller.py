@@ -6,6 +6,8 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from box_peripheral.controller import BoxPolicy
 from box_peripheral.hardware.memory import MemoryHardware
@@ -310,3 +312,30 @@ async def test_a_technician_token_opens_the_metering_box_only_when_no_session_ru
         assert isinstance(technician.last(messages.DoorOpened), messages.DoorOpened)
         assert hw.lock_pulses(Door.METERING_BOX, 0) == 1
         assert receipt_of(user.last(messages.SessionEnded)).end_reason is EndReason.REMOTE_STOP
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    garbage=st.lists(
+        st.one_of(
+            st.binary(max_size=60),
+            # well-framed messages with nonsense inside, for a known and an unknown connection
+            st.builds(
+                lambda body: b"\x12\x34\xc0" + len(body).to_bytes(2, "big") + body, st.binary(max_size=50)
+            ),
+        ),
+        max_size=12,
+    )
+)
+async def test_garbage_from_the_radio_changes_nothing_and_the_box_keeps_serving(
+    tmp_path_factory: pytest.TempPathFactory, garbage: list[bytes]
+) -> None:
+    async with box_rig(
+        tmp_path_factory.mktemp("garbage") / "box.sqlite", hardware=(hw := MemoryHardware())
+    ) as rig:
+        for fragment in garbage:
+            await rig.controller.on_write(fragment)
+        assert not any([await hw.breaker_closed(outlet) for outlet in (1, 2, 3, 4)])
+        assert not await rig.controller.store.running_sessions()
+        started = await rig.start(rig.phone())  # a real phone is still served
+        assert started.outlet == 1
