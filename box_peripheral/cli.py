@@ -252,3 +252,19 @@ def ledger(config_path: Path, as_json: bool) -> None:
         console.print(f"[green]{len(rows)} entries, chain verified" if not problems else f"[red]{problems}")
     if problems:
         sys.exit(1)
+
+
+@box.command()
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def uplink(state: str, config_path: Path) -> None:
+    """Switch the 4G uplink on or off at run time (off simulates the link going down)."""
+    from box_peripheral.uplink import off_switch_path
+
+    config = _load(config_path)
+    switch = off_switch_path(config.database)
+    if state == "off":
+        switch.touch()
+    else:
+        switch.unlink(missing_ok=True)
+    console.print(f"uplink {state}")

@@ -120,6 +120,7 @@ class BoxController:
         # breakers the box failed to open (bus down): retried every poll until the relay obeys
         self._must_open: set[int] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._reservations: list[tokens.Reservation] = []
         self._lock = asyncio.Lock()
         self.notify: Callable[[bytes], Awaitable[None] | None] = lambda fragment: None
         self.connections = BoxConnections(
@@ -265,6 +266,10 @@ class BoxController:
             raise PowerboxError("no such outlet", code=ErrorCode.OUTLET_UNKNOWN)
         if any(s.outlet == outlet.number for s in await self.store.running_sessions()):
             raise PowerboxError("outlet busy", code=ErrorCode.OUTLET_BUSY)
+        if event.reservation is None and self._reserved_for_someone_else(
+            outlet.number, cose.public_key_bytes(grant.phone_key), now
+        ):
+            raise PowerboxError("outlet reserved", code=ErrorCode.OUTLET_RESERVED)
         try:
             doors = await self.hardware.read_doors()
             if not doors.metering_box_closed:
@@ -485,52 +490,117 @@ class BoxController:
         self._pulse_door(token.door, token.outlet, token.token_id, answer=(connection_id, request_id))
 
     async def _update(self, connection_id: int, event: UpdateReceived) -> None:
-        request, update = event.request, event.update
+        request = event.request
+        match request:
+            case messages.PushRevocationList():
+                signed = request.revocation_list
+            case messages.PushTariffTable():
+                signed = request.tariff_table
+            case messages.PushLedgerAck():
+                signed = request.ledger_ack
+        kind, version = await self._apply_update(event.update, signed)
+        self.connections.send(
+            connection_id, messages.UpdateAccepted(request_id=request.request_id, kind=kind, version=version)
+        )
+
+    async def _apply_update(
+        self, update: tokens.RevocationList | tokens.TariffTable | tokens.LedgerAck, signed: bytes
+    ) -> tuple[messages.UpdateKind, int]:
+        """Keep a verified operator update (from a phone or the uplink) if it is newer than the box's."""
         await self._observe_operator_time(update.issued_at)
         quality = self.clock.quality()
         match update:
             case tokens.RevocationList():
                 if self._revocations is not None and update.version <= self._revocations.version:
                     raise PowerboxError("older revocation list", code=ErrorCode.STALE_VERSION)
-                assert isinstance(request, messages.PushRevocationList)
                 await self.store.replace_versioned(
                     REVOCATION_LIST,
-                    request.revocation_list,
+                    signed,
                     kind=EntryKind.REVOCATION_UPDATED,
                     version=update.version,
                     time=self.clock.now(),
                     quality=quality,
                 )
                 self._revocations = update
-                kind, version = messages.UpdateKind.REVOCATION_LIST, update.version
+                return messages.UpdateKind.REVOCATION_LIST, update.version
             case tokens.TariffTable():
                 if self._tariff_table is not None and update.version <= self._tariff_table.version:
                     raise PowerboxError("older tariff table", code=ErrorCode.STALE_VERSION)
-                assert isinstance(request, messages.PushTariffTable)
                 await self.store.replace_versioned(
                     TARIFF_TABLE,
-                    request.tariff_table,
+                    signed,
                     kind=EntryKind.TARIFF_UPDATED,
                     version=update.version,
                     time=self.clock.now(),
                     quality=quality,
                 )
                 self._tariff_table = update
-                kind, version = messages.UpdateKind.TARIFF_TABLE, update.version
+                return messages.UpdateKind.TARIFF_TABLE, update.version
             case tokens.LedgerAck():
-                assert isinstance(request, messages.PushLedgerAck)
+                if update.box_id != self.box_id:
+                    raise PowerboxError("ack for another box", code=ErrorCode.TOKEN_WRONG_AUDIENCE)
                 try:
-                    fresh = await self.store.apply_ack(
-                        update, request.ledger_ack, time=self.clock.now(), quality=quality
-                    )
+                    fresh = await self.store.apply_ack(update, signed, time=self.clock.now(), quality=quality)
                 except StoreError as exc:
                     raise PowerboxError(exc.detail, code=exc.code) from None
                 if not fresh:
                     raise PowerboxError("older ack", code=ErrorCode.STALE_VERSION)
-                kind, version = messages.UpdateKind.LEDGER_ACK, update.sequence
-        self.connections.send(
-            connection_id, messages.UpdateAccepted(request_id=request.request_id, kind=kind, version=version)
+                return messages.UpdateKind.LEDGER_ACK, update.sequence
+
+    async def accept_from_uplink(self, kind: messages.UpdateKind, signed: bytes) -> bool:
+        """An update the server sent over 4G: verified like one a phone relays. True if kept."""
+        cls: type[tokens.RevocationList | tokens.TariffTable | tokens.LedgerAck] = {
+            messages.UpdateKind.REVOCATION_LIST: tokens.RevocationList,
+            messages.UpdateKind.TARIFF_TABLE: tokens.TariffTable,
+            messages.UpdateKind.LEDGER_ACK: tokens.LedgerAck,
+        }[kind]
+        async with self._lock:
+            try:
+                await self._apply_update(cls.verify(signed, self._operator_keys), signed)
+            except PowerboxError as exc:
+                if exc.code is not ErrorCode.STALE_VERSION:
+                    log.warning("uplink %s refused: %s", kind.name, exc.detail)
+                return False
+            return True
+
+    def replace_reservations(self, signed_reservations: list[bytes]) -> None:
+        """Every current reservation for this box, as the server last sent them."""
+        reservations = []
+        for signed in signed_reservations:
+            try:
+                reservation = tokens.Reservation.verify(signed, self._operator_keys)
+            except PowerboxError as exc:
+                log.warning("reservation refused: %s", exc.detail)
+                continue
+            if reservation.box_id == self.box_id:
+                reservations.append(reservation)
+        self._reservations = reservations
+
+    def reservation_ids(self) -> list[bytes]:
+        return [r.reservation_id for r in self._reservations]
+
+    def _reserved_for_someone_else(self, outlet: int, phone_key: bytes, now: int) -> bool:
+        return any(
+            r.outlet == outlet
+            and r.not_before <= now < r.expires_at
+            and cose.public_key_bytes(r.phone_key) != phone_key
+            for r in self._reservations
         )
+
+    async def ledger_after_ack(self, limit: int) -> list[bytes]:
+        """Entries the operator has not acknowledged yet, oldest first (for the uplink)."""
+        return await self.store.entries(after=await self.store.acked_sequence(), limit=limit)
+
+    async def uplink_state(self) -> tuple[int, int, int]:
+        """(revocation version, tariff version, acked sequence) the box holds."""
+        return (
+            0 if self._revocations is None else self._revocations.version,
+            0 if self._tariff_table is None else self._tariff_table.version,
+            await self.store.acked_sequence(),
+        )
+
+    def outlet_availability(self) -> list[tuple[int, bool]]:
+        return [(o.number, o.number not in self._busy_outlets) for o in self.certificate.outlets]
 
     async def _carry(self, connection_id: int, request: messages.RequestLedgerEntries) -> None:
         """Hand a bounded batch of unacknowledged entries to a phone, sealed to the operator (S9)."""
@@ -797,14 +867,18 @@ class BoxController:
         return signed
 
     async def remote_stop(self, *, session_id: bytes | None = None, outlet: int | None = None) -> bool:
-        """Remote fee control from the server: stop a session, or trip whatever runs on an outlet."""
+        """Remote fee control from the server: stop a session, or trip an outlet (its breaker opens
+        whether or not a session runs there). True if the box did what was asked."""
         async with self._lock:
+            stopped = False
             for session in await self.store.running_sessions():
                 if session.session_id == session_id or session.outlet == outlet:
                     await self.end_session(session.session_id, EndReason.REMOTE_STOP)
-                    await self._flush()
-                    return True
-            return False
+                    stopped = True
+            if outlet is not None and self.certificate.outlet(outlet) is not None:
+                stopped = await self._open_breaker(outlet) or stopped
+            await self._flush()
+            return stopped
 
 
 def _request_id(event: BoxEvent) -> int:

@@ -16,6 +16,7 @@ from box_peripheral.gatt_server import BoxGattServer
 from box_peripheral.hardware import open_hardware
 from box_peripheral.hardware.base import HardwareError
 from box_peripheral.store import CLOCK_HIGH_WATER, BoxStore
+from box_peripheral.uplink import Uplink, off_switch_path
 
 log = logging.getLogger("powerbox.box")
 
@@ -77,6 +78,16 @@ async def run_box(
         try:
             await gatt_server.start()
             tasks.append(asyncio.create_task(_poll_forever(controller)))
+            if config.uplink.server is not None:
+                uplink = Uplink(
+                    controller,
+                    server=config.uplink.server,
+                    box_key=config.box_key,
+                    off_switch=off_switch_path(config.database),
+                    long_poll_s=config.uplink.poll_seconds,
+                    enabled=config.uplink.enabled,
+                )
+                tasks.append(asyncio.create_task(uplink.run()))
             if ready is not None:
                 ready(controller)
             await stop.wait()
