@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -52,6 +51,12 @@ class _Commands:
 
     received: set[int] = field(default_factory=set)
     completed: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def _retrieve(task: asyncio.Future[httpx.Response]) -> None:
+    """Mark an abandoned request's outcome as seen (it was given up on, not forgotten)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _b64(data: bytes) -> str:
@@ -128,14 +133,16 @@ class Uplink:
             raise UplinkError("switched off")
         headers = {"Authorization": f"Bearer {self._token}"} if auth and self._token else {}
         request = asyncio.ensure_future(self._client.post(path, json=body, headers=headers))
-        # the 4G switch can go off in the middle of a long poll: give up on the request then
-        while not request.done():
-            await asyncio.wait({request}, timeout=0.5)
-            if not self.is_on():
+        try:
+            # the 4G switch can go off in the middle of a long poll: give up on the request then
+            while not request.done():
+                await asyncio.wait({request}, timeout=0.5)
+                if not self.is_on():
+                    raise UplinkError("switched off")
+        finally:
+            if not request.done():
                 request.cancel()
-                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                    await request
-                raise UplinkError("switched off")
+            request.add_done_callback(_retrieve)
         try:
             response = request.result()
         except httpx.HTTPError as exc:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from box_peripheral.clock import BoxClock
 from box_peripheral.controller import BoxController, BoxPolicy
@@ -26,6 +26,7 @@ from box_peripheral.hardware.memory import MemoryHardware
 from box_peripheral.store import BoxStore
 from protocol import cose, gatt, messages, sealing, testing
 from protocol.session import MessageReceived, PhoneEvent, PhoneSession
+from protocol.tokens import BoxCertificate
 
 OPERATOR = testing.operator_key()
 OPERATOR_ENCRYPTION = testing.x25519_key("operator encryption")
@@ -62,7 +63,9 @@ class Rig:
         hardware: BoxHardware,
         clock: list[int],
         advance: Callable[[int], None],
+        operator: cose.SigningKey = OPERATOR,
     ) -> None:
+        self.operator = operator
         self.controller = controller
         self.hardware = hardware
         self._clock = clock  # [wall ms, monotonic ms]
@@ -116,7 +119,7 @@ class Rig:
     def phone(self, key: Ed25519PrivateKey | None = None, *, outlet: int = 1) -> Phone:
         key = key or testing.ed25519_key(f"rig phone {len(self.phones)}")
         label = gatt.QrLabel(
-            box_id=testing.SAMPLE_BOX_ID,
+            box_id=self.controller.box_id,
             outlet=outlet,
             fingerprint=gatt.box_key_fingerprint(cose.public_key_bytes(BOX_KEY.public_key())),
         )
@@ -125,7 +128,7 @@ class Rig:
             phone_key=key,
             ephemeral_key=X25519PrivateKey.generate(),
             label=label,
-            operator_keys=cose.key_ring(OPERATOR.public_key),
+            operator_keys=cose.key_ring(self.operator.public_key),
             att_mtu=185,
         )
         session.connect()
@@ -143,14 +146,17 @@ class Rig:
             issued_at=START_TIME - 3600,
             expires_at=START_TIME + 30 * 86_400,
         )
-        return grant.sign(OPERATOR)
+        return grant.sign(self.operator)
 
-    async def start(self, phone: Phone, *, outlet: int = 1, amount_fen: int = 500) -> messages.SessionStarted:
+    async def start(
+        self, phone: Phone, *, outlet: int = 1, amount_fen: int = 500, grant: bytes | None = None
+    ) -> messages.SessionStarted:
+        """Start a session with `grant` (by default a fresh one of `amount_fen`, signed here)."""
         phone.session.send(
             messages.StartSession(
                 request_id=phone.session.new_request_id(),
                 outlet=outlet,
-                grant=self.grant(phone, amount_fen=amount_fen),
+                grant=grant or self.grant(phone, amount_fen=amount_fen),
             )
         )
         await self.pump()
@@ -175,6 +181,9 @@ async def box_rig(
     advance: Callable[[int], None] | None = None,
     clock: list[int] | None = None,
     policy: BoxPolicy = POLICY,
+    operator: cose.SigningKey = OPERATOR,
+    operator_encryption_key: X25519PublicKey | None = None,
+    signed_certificate: bytes | None = None,
 ) -> AsyncIterator[Rig]:
     """A started box controller; reuse `database`, `hardware` and `clock` to model a restart.
 
@@ -187,15 +196,18 @@ async def box_rig(
             raise TypeError("pass `advance` to move the time of this hardware")
         advance = hardware.advance
     clock = clock if clock is not None else [START_TIME * 1000, 0]
-    certificate = testing.sample_certificate(BOX_KEY)
+    ring = cose.key_ring(operator.public_key)
+    if signed_certificate is None:
+        signed_certificate = testing.sample_certificate(BOX_KEY).sign(operator)
+    certificate = BoxCertificate.verify(signed_certificate, ring)
     signing_key = cose.SigningKey.from_private_key(BOX_KEY)
     async with BoxStore.open(database, box_id=certificate.box_id, box_key=signing_key) as store:
         controller = BoxController(
             certificate=certificate,
-            signed_certificate=certificate.sign(OPERATOR),
+            signed_certificate=signed_certificate,
             box_key=signing_key,
-            operator_keys=cose.key_ring(OPERATOR.public_key),
-            operator_encryption_key=OPERATOR_ENCRYPTION.public_key(),
+            operator_keys=ring,
+            operator_encryption_key=operator_encryption_key or OPERATOR_ENCRYPTION.public_key(),
             hardware=hardware,
             store=store,
             clock=BoxClock(wall=lambda: clock[0] // 1000),
@@ -204,4 +216,4 @@ async def box_rig(
             monotonic_ms=lambda: clock[1],
         )
         await controller.start()
-        yield Rig(controller, hardware, clock, advance)
+        yield Rig(controller, hardware, clock, advance, operator)
