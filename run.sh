@@ -12,6 +12,7 @@ stamp="$venv/.lock-installed"
 need_system_packages() {
     local missing=()
     command -v dbus-daemon >/dev/null 2>&1 || [ -x /usr/bin/dbus-daemon ] || missing+=(dbus)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     if [ ${#missing[@]} -gt 0 ]; then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
