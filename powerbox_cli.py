@@ -13,6 +13,8 @@ _SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "testbench.demo", "demo"),
     ("radio", "testbench.radio.cli", "radio"),
     ("bluez", "testbench.bluez.cli", "bluez"),
+    ("server", "ledger_server.cli", "server"),
+    ("plant", "testbench.plant.cli", "plant"),
 )
 
 
