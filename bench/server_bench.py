@@ -454,10 +454,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['entries']} ledger entries ({result['sessions']} sessions on {BOXES} boxes, one grant"
         f" each), uploaded in batches of {result['batch']}, the boxes at once; {result['machine']};"
-        f" the fastest of {result['repeat']} runs per row.",
+        f" per row the fastest of {result['repeat']} runs during which other programs took at most"
+        f" {result['quiet']:.0%} of the CPU (the machine is shared; the last column says how busy it was).",
         "",
-        f"Plain Ed25519 verification, one thread: **{plain:,.0f} /s**. Target: ingest + settlement at least"
-        f" {TARGET_RATIO:.0%} of that.",
+        f"Plain Ed25519 verification, one thread: **{plain:,.0f} /s** (the best of the measurements taken"
+        f" before every run). Target: ingest + settlement at least {TARGET_RATIO:.0%} of that.",
         "",
         "| database | pipeline | entries/s | of plain Ed25519 | target met | other programs' CPU share |",
         "|---|---|---|---|---|---|",
@@ -483,15 +484,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def best_of(repeat: int, make_url: Callable[[int], Awaitable[str]], **run: Any) -> Run:
-    """The fastest of `repeat` runs, each on a fresh database (a shared machine is noisy)."""
-    runs = [await run_pipeline(await make_url(attempt), **run) for attempt in range(repeat)]
-    return max(runs, key=lambda r: r.entries_per_second)
+PLAIN_SAMPLES: list[float] = []  # the plain loop, measured again before every run; the best counts
+
+
+async def best_of(
+    repeat: int, quiet: float, max_runs: int, make_url: Callable[[int], Awaitable[str]], **run: Any
+) -> Run:
+    """The fastest of `repeat` runs during which other programs used at most `quiet` of the CPU
+    (a shared machine is noisy), trying up to `max_runs` times; each run on a fresh database."""
+    runs: list[Run] = []
+    for attempt in range(max_runs):
+        PLAIN_SAMPLES.append(plain_verify_rate(run["workload"], 1.0))
+        runs.append(await run_pipeline(await make_url(attempt), **run))
+        if sum(1 for r in runs if r.background_load is None or r.background_load <= quiet) >= repeat:
+            break
+    calm = [r for r in runs if r.background_load is None or r.background_load <= quiet]
+    return max(calm or runs, key=lambda r: r.entries_per_second)
 
 
 async def main_async(arguments: argparse.Namespace) -> dict[str, Any]:
     workload = make_workload(arguments.sessions)
-    plain = max(plain_verify_rate(workload) for _ in range(arguments.repeat))
+    PLAIN_SAMPLES.append(plain_verify_rate(workload))
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="powerbox-bench-") as scratch:
         directory = Path(scratch)
@@ -507,7 +520,16 @@ async def main_async(arguments: argparse.Namespace) -> dict[str, Any]:
             async def sqlite_url(attempt: int, continuous: bool = continuous) -> str:
                 return f"sqlite+aiosqlite:///{directory / f'bench-{continuous}-{attempt}.db'}"
 
-            runs.append(await best_of(arguments.repeat, sqlite_url, continuous=continuous, **common))
+            runs.append(
+                await best_of(
+                    arguments.repeat,
+                    arguments.quiet,
+                    arguments.max_runs,
+                    sqlite_url,
+                    continuous=continuous,
+                    **common,
+                )
+            )
         with contextlib.ExitStack() as stack:
             admin = arguments.postgres_url or stack.enter_context(throwaway_postgres())
             if admin is not None:
@@ -517,7 +539,14 @@ async def main_async(arguments: argparse.Namespace) -> dict[str, Any]:
                         return await fresh_postgres_database(admin, f"powerbox_bench_{attempt}")
 
                     runs.append(
-                        await best_of(arguments.repeat, postgres_url, continuous=continuous, **common)
+                        await best_of(
+                            arguments.repeat,
+                            arguments.quiet,
+                            arguments.max_runs,
+                            postgres_url,
+                            continuous=continuous,
+                            **common,
+                        )
                     )
     machine = f"{os.cpu_count()} cores, {platform.machine()}"
     return {
@@ -526,9 +555,10 @@ async def main_async(arguments: argparse.Namespace) -> dict[str, Any]:
         "entries": workload.entries,
         "batch": arguments.batch,
         "repeat": arguments.repeat,
+        "quiet": arguments.quiet,
         "verify_threads": ServerConfig().verify_threads,
         "verify_processes": arguments.processes,
-        "plain_ed25519_verifications_per_second": round(plain),
+        "plain_ed25519_verifications_per_second": round(max(PLAIN_SAMPLES)),
         "target_ratio": TARGET_RATIO,
         "runs": [dataclasses.asdict(run) for run in runs],
     }
@@ -538,7 +568,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="quiet runs per row; the fastest is kept")
+    parser.add_argument("--quiet", type=float, default=0.1, help="most CPU share other programs may take")
+    parser.add_argument("--max-runs", type=int, default=12, help="runs per row at most, quiet or not")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--postgres-url", help="an empty PostgreSQL to create benchmark databases in")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")

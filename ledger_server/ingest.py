@@ -1,7 +1,8 @@
 """Ledger ingest: batches from a box's uplink or sealed batches carried by phones (DESIGN §6, S5).
 
-Every entry's signature is checked against the box's registered key (in worker threads, off the
-event loop) before anything is stored; a batch with one bad entry is refused whole. Stored entries
+Every entry is decoded and its signature checked against the box's registered key before anything
+is stored (a large batch in worker processes, a small one on the event loop with the signature
+checks on threads); a batch with one bad entry is refused whole. Stored entries
 are keyed by (box, sequence), so the same entry arriving any number of times, from anywhere, in any
 order, is stored once; a different entry for a stored place is a fork and becomes an anomaly.
 Entries are then chained from the last contiguous one: whatever links on becomes contiguous (and

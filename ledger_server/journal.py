@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -162,19 +162,22 @@ _TRANSFER_COLUMNS = ("transaction_key", "source_account", "destination_account",
 _APPLY_DELTA = "UPDATE accounts SET balance_fen = balance_fen + ? WHERE account_id = ?"
 
 
-async def post(database: Database, connection: AsyncConnection, batch: Sequence[JournalTransaction]) -> None:
-    """Record `batch` and move the balances. A key already posted fails the whole database
-    transaction (a unique violation): the same money never moves twice."""
+async def record(
+    database: Database, connection: AsyncConnection, batch: Sequence[JournalTransaction]
+) -> dict[str, int]:
+    """Write `batch` to the journal; return how much each account's balance must move (the caller
+    moves them with `move_balances`, last in its transaction). A key already posted fails the whole
+    database transaction (a unique violation): the same money never moves twice."""
     batch = [transaction for transaction in batch if transaction.transfers]
+    deltas: dict[str, int] = defaultdict(int)
     if not batch:
-        return
+        return deltas
     await database.insert_many(
         connection,
         journal_transactions,
         _TRANSACTION_COLUMNS,
         [(t.key, str(t.kind), t.user_id, t.grant_id, t.box_id, t.session_id, t.created_at) for t in batch],
     )
-    deltas: dict[str, int] = defaultdict(int)
     rows = []
     for transaction in batch:
         for transfer in transaction.transfers:
@@ -182,10 +185,20 @@ async def post(database: Database, connection: AsyncConnection, batch: Sequence[
             deltas[transfer.source] -= transfer.amount_fen
             deltas[transfer.destination] += transfer.amount_fen
     await database.insert_many(connection, journal_transfers, _TRANSFER_COLUMNS, rows)
-    # One lock order everywhere (sorted accounts): fewer deadlocks between concurrent settlements.
+    return deltas
+
+
+async def move_balances(database: Database, connection: AsyncConnection, deltas: Mapping[str, int]) -> None:
+    """Apply balance changes. Account rows are the most shared rows there are (every settlement of a
+    user's grants touches them), so this comes last in a transaction, in one lock order everywhere."""
     await database.execute_many(
         connection, _APPLY_DELTA, [(delta, account) for account, delta in sorted(deltas.items()) if delta]
     )
+
+
+async def post(database: Database, connection: AsyncConnection, batch: Sequence[JournalTransaction]) -> None:
+    """Record `batch` and move the balances at once (for transactions that do little else)."""
+    await move_balances(database, connection, await record(database, connection, batch))
 
 
 async def require_available(connection: AsyncConnection, user_id: int, amount_fen: int) -> None:

@@ -553,7 +553,10 @@ _SET_OUTLET = (
 )
 
 
-async def _write(context: ServerContext, connection: AsyncConnection, settler: _ChunkSettler) -> None:
+async def _write(
+    context: ServerContext, connection: AsyncConnection, settler: _ChunkSettler
+) -> dict[str, int]:
+    """Write what the chunk did; return the balance changes, which the caller applies last."""
     database, box_id, effects = context.database, settler.box_id, settler.effects
     await database.insert_many(
         connection,
@@ -610,7 +613,7 @@ async def _write(context: ServerContext, connection: AsyncConnection, settler: _
         ignore_conflicts=True,
     )
     await database.insert_many(connection, grant_charges, _CHARGE_COLUMNS, effects.charges)
-    await journal.post(database, connection, effects.transactions)
+    deltas = await journal.record(database, connection, effects.transactions)
     await database.execute_many(
         connection,
         _UPDATE_GRANT,
@@ -629,6 +632,7 @@ async def _write(context: ServerContext, connection: AsyncConnection, settler: _
         ],
     )
     await anomalies.record(database, connection, effects.found, settler.now)
+    return deltas
 
 
 async def _apply_chunk(
@@ -667,12 +671,13 @@ async def _apply_chunk(
     )
     for sequence, entry in entries:
         settler.apply(sequence, entry)
-    await _write(context, connection, settler)
+    deltas = await _write(context, connection, settler)
     await connection.execute(
         update(box_ledgers)
         .where(box_ledgers.c.box_id == box_id)
         .values(applied_sequence=upto, applied_time=settler.last_time)
     )
+    await journal.move_balances(context.database, connection, deltas)
     return len(entries)
 
 
