@@ -10,6 +10,7 @@ import click
 # `powerbox phone` never pays for the server's imports.
 _SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("box", "box_peripheral.cli", "box"),
+    ("phone", "phone_client.cli", "phone"),
     ("demo", "testbench.demo", "demo"),
     ("radio", "testbench.radio.cli", "radio"),
     ("bluez", "testbench.bluez.cli", "bluez"),

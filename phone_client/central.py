@@ -1,8 +1,9 @@
 """The phone's BLE central on bleak: a thin shell around `protocol.session.PhoneSession`.
 
 Finds the box of a QR label by its advertisement, connects, subscribes, runs the handshake and
-moves fragments both ways; requests and answers are matched by request id. bleak's errors are
-translated here and never leave this module (docs/protocol.md §4).
+moves fragments both ways; requests and answers are matched by request id, and what the box sends
+on its own (live readings, a session it ended) waits in `BoxLink.unsolicited`. bleak's and D-Bus's
+errors are translated here and never leave this module (docs/protocol.md §4).
 """
 
 from __future__ import annotations
@@ -12,32 +13,76 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
-from bleak.exc import BleakError
+from bleak.exc import BleakBluetoothNotAvailableError, BleakError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from phone_client.errors import BoxNotTrustedError, BoxRefusedError, BoxUnreachableError, PhoneError
 from protocol import framing, gatt, messages
-from protocol.errors import ErrorCode, PowerboxError
+from protocol.errors import LocalProtocolError, MessageError
 from protocol.session import BoxAuthenticated, ConnectionFailed, MessageReceived, PhoneEvent, PhoneSession
 from protocol.tokens import BoxCertificate
 
+__all__ = [
+    "BoxLink",
+    "BoxNotTrustedError",
+    "BoxRefusedError",
+    "BoxUnreachableError",
+    "FoundBox",
+    "connect_to_box",
+    "find_box",
+    "read_box_info",
+]
+
 log = logging.getLogger("powerbox.phone.ble")
+_T = TypeVar("_T")
+
+DEFAULT_SCAN_TIMEOUT_S = 10.0
+DEFAULT_CONNECT_TIMEOUT_S = 20.0
+DEFAULT_ANSWER_TIMEOUT_S = 10.0
 
 
-class BoxUnreachableError(PowerboxError):
-    """No box with this label answered, or the radio link failed."""
+def _dbus_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from dbus_fast.errors import DBusError
+    except ImportError:  # not Linux: bleak speaks CoreBluetooth or WinRT there
+        return ()
+    return (DBusError,)
 
-    code = ErrorCode.CHANNEL_CLOSED
+
+# What bleak and the system's Bluetooth stack raise, beside BleakError itself: a missing or
+# refused D-Bus socket is an OSError, a link that drops mid-call an EOFError.
+_RADIO_ERRORS: tuple[type[BaseException], ...] = (
+    BleakError,
+    OSError,
+    EOFError,
+    TimeoutError,
+    *_dbus_errors(),
+)
 
 
-class BoxRefusedError(PowerboxError):
-    """The box refused a request; `code` is the box's error code."""
+@contextlib.contextmanager
+def _radio(doing: str) -> Iterator[None]:
+    """Translate the radio's errors while `doing` something."""
+    try:
+        yield
+    except BleakBluetoothNotAvailableError as exc:
+        raise BoxUnreachableError(f"{doing}: Bluetooth is not available ({exc.args[0]})") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise BoxUnreachableError(
+            f"{doing}: no Bluetooth service on this machine (is BlueZ running?)"
+        ) from None
+    except TimeoutError:
+        raise BoxUnreachableError(f"{doing}: timed out") from None
+    except _RADIO_ERRORS as exc:
+        raise BoxUnreachableError(f"{doing}: {exc or type(exc).__name__}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,23 +93,47 @@ class FoundBox:
     scan_ms: int
 
 
-async def find_box(label: gatt.QrLabel, *, timeout_s: float = 10.0) -> FoundBox:
-    """Scan for the advertisement of the box on `label` (name derived from its id + our service)."""
+async def find_box(label: gatt.QrLabel, *, timeout_s: float = DEFAULT_SCAN_TIMEOUT_S) -> FoundBox:
+    """Scan for the advertisement of the box on `label` (name derived from its id + our service).
+
+    Several boxes may share a name (docs/protocol.md §4); the handshake tells the right one."""
     wanted = gatt.advertised_name(label.box_id)
     started = time.monotonic()
+    rssi = 0
 
     def matches(device: BLEDevice, advertisement: AdvertisementData) -> bool:
-        return advertisement.local_name == wanted and gatt.SERVICE_UUID in (
+        nonlocal rssi
+        found = advertisement.local_name == wanted and gatt.SERVICE_UUID in (
             uuid.lower() for uuid in advertisement.service_uuids
         )
+        if found:
+            rssi = advertisement.rssi
+        return found
 
+    with _radio("scanning"):
+        device = await BleakScanner.find_device_by_filter(matches, timeout=timeout_s)
+    if device is None:
+        raise BoxUnreachableError(f"no box advertising as {wanted} nearby (is it in range and powered?)")
+    return FoundBox(device=device, name=wanted, rssi=rssi, scan_ms=int((time.monotonic() - started) * 1000))
+
+
+async def read_box_info(found: FoundBox, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> gatt.BoxInfo:
+    """The box's public facts (versions, which outlets are free), read before any handshake.
+
+    Unauthenticated: a hint for the user, never a reason to trust the box (docs/protocol.md §3)."""
+    client = BleakClient(found.device, timeout=timeout_s)
+    with _radio("connecting"):
+        await client.connect()
     try:
-        found = await BleakScanner.find_device_by_filter(matches, timeout=timeout_s)
-    except BleakError as exc:
-        raise BoxUnreachableError(f"scan failed: {exc}") from None
-    if found is None:
-        raise BoxUnreachableError(f"no box advertising as {wanted} nearby")
-    return FoundBox(device=found, name=wanted, rssi=0, scan_ms=int((time.monotonic() - started) * 1000))
+        with _radio("reading the box info"):
+            value = await client.read_gatt_char(gatt.INFO_CHARACTERISTIC_UUID)
+        try:
+            return gatt.BoxInfo.decode(bytes(value))
+        except MessageError as exc:
+            raise BoxNotTrustedError(f"unreadable box info: {exc.detail}", code=exc.code) from None
+    finally:
+        with contextlib.suppress(*_RADIO_ERRORS):
+            await client.disconnect()
 
 
 class BoxLink:
@@ -74,20 +143,34 @@ class BoxLink:
         self._client = client
         self._session = session
         self._clock = clock
-        self._pending: dict[int, asyncio.Future[messages.Message]] = {}
-        self._authenticated: asyncio.Future[BoxCertificate] = asyncio.get_running_loop().create_future()
-        self.unsolicited: asyncio.Queue[messages.Message] = asyncio.Queue()
-        self.failure: ConnectionFailed | None = None
+        loop = asyncio.get_running_loop()
+        self._pending: dict[int, asyncio.Future[messages.BoxMessage]] = {}
+        self._authenticated: asyncio.Future[BoxCertificate] = loop.create_future()
+        self._closed: asyncio.Future[PhoneError] = loop.create_future()
+        self._write_lock = asyncio.Lock()
+        self.unsolicited: asyncio.Queue[messages.BoxMessage] = asyncio.Queue()
+        self.failure: PhoneError | None = None
+        self.early_answers: list[asyncio.Future[messages.BoxMessage]] = []
 
     @property
     def certificate(self) -> BoxCertificate | None:
         return self._session.certificate
 
+    @property
+    def connection_id(self) -> int:
+        return self._session.connection_id
+
+    # --- from the radio ---
+
     async def _on_notification(self, _: object, data: bytearray) -> None:
+        """bleak calls this for every notification; it must never raise."""
         events = self._session.receive_fragment(bytes(data), self._clock())
         await self._write_out()
         for event in events:
             self._dispatch(event)
+
+    def _on_disconnected(self, _: BleakClient) -> None:
+        self._fail(BoxUnreachableError("the box disconnected (out of range, or it restarted)"))
 
     def _dispatch(self, event: PhoneEvent) -> None:
         match event:
@@ -101,69 +184,120 @@ class BoxLink:
                     future.set_result(message)
                 else:
                     self.unsolicited.put_nowait(message)
-            case ConnectionFailed():
-                self.failure = event
-                error = BoxRefusedError(event.detail, code=event.code)
-                if not self._authenticated.done():
-                    self._authenticated.set_exception(error)
-                for future in self._pending.values():
-                    if not future.done():
-                        future.set_exception(error)
-                self._pending.clear()
+            case ConnectionFailed(code=code, detail=detail, by_peer=by_peer):
+                if by_peer:
+                    self._fail(BoxRefusedError(f"the box closed the connection: {detail}", code=code))
+                else:
+                    self._fail(BoxNotTrustedError(detail, code=code))
+
+    def _fail(self, error: PhoneError) -> None:
+        """The connection is over: everyone waiting learns why, once."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        self._closed.set_result(error)
+        waiting: list[asyncio.Future[BoxCertificate] | asyncio.Future[messages.BoxMessage]] = [
+            self._authenticated,
+            *self._pending.values(),
+        ]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved here: nobody may be waiting for an early answer
+        self._pending.clear()
 
     async def _write_out(self) -> None:
-        for fragment in self._session.data_to_send():
-            try:
-                await self._client.write_gatt_char(gatt.WRITE_CHARACTERISTIC_UUID, fragment, response=False)
-            except BleakError as exc:
-                raise BoxUnreachableError(f"write failed: {exc}") from None
+        """Write every queued fragment, in order, one writer at a time; a failed write ends the link."""
+        async with self._write_lock:
+            while fragments := self._session.data_to_send():
+                for fragment in fragments:
+                    if isinstance(self.failure, BoxUnreachableError):
+                        return  # the link is gone; what is left would go nowhere
+                    try:
+                        await self._client.write_gatt_char(
+                            gatt.WRITE_CHARACTERISTIC_UUID, fragment, response=False
+                        )
+                    except _RADIO_ERRORS as exc:
+                        self._fail(
+                            BoxUnreachableError(f"write to the box failed: {exc or type(exc).__name__}")
+                        )
+                        return
 
-    async def authenticated(self, timeout_s: float = 10.0) -> BoxCertificate:
+    # --- for the caller ---
+
+    async def _wait(self, awaitable: asyncio.Future[_T], timeout_s: float, what: str) -> _T:
+        """`awaitable`'s result, unless the link fails or `timeout_s` passes first."""
+        closed = asyncio.shield(self._closed)
+        either: set[asyncio.Future[_T] | asyncio.Future[PhoneError]] = {awaitable, closed}
         try:
-            return await asyncio.wait_for(asyncio.shield(self._authenticated), timeout_s)
-        except TimeoutError:
-            raise BoxUnreachableError("the box did not answer the handshake") from None
+            done, _ = await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if awaitable in done:
+            return awaitable.result()
+        if self.failure is not None:
+            raise self.failure
+        raise BoxUnreachableError(f"the box did not answer {what} in time")
+
+    async def authenticated(self, timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S) -> BoxCertificate:
+        """The box's certificate once it passed S2 and proved its key (docs/protocol.md §7.3)."""
+        return await self._wait(asyncio.shield(self._authenticated), timeout_s, "the handshake")
+
+    def _send(self, build: Callable[[int], messages.PhoneMessage]) -> asyncio.Future[messages.BoxMessage]:
+        if self.failure is not None:
+            raise self.failure
+        request = build(self._session.new_request_id())
+        future: asyncio.Future[messages.BoxMessage] = asyncio.get_running_loop().create_future()
+        self._pending[request.request_id] = future
+        try:
+            self._session.send(request)
+        except LocalProtocolError as exc:
+            self._pending.pop(request.request_id, None)
+            raise BoxUnreachableError(f"the connection is closed ({exc.detail})") from None
+        return future
 
     async def request(
-        self, build: Callable[[int], messages.PhoneMessage], timeout_s: float = 10.0
-    ) -> messages.Message:
-        """Send a request built with a fresh request id; return the box's answer or raise BoxRefusedError."""
-        if self.failure is not None:
-            raise BoxRefusedError(self.failure.detail, code=self.failure.code)
-        request = build(self._session.new_request_id())
-        future: asyncio.Future[messages.Message] = asyncio.get_running_loop().create_future()
-        self._pending[request.request_id] = future
-        self._session.send(request)
+        self, build: Callable[[int], messages.PhoneMessage], timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> messages.BoxMessage:
+        """Send a request built with a fresh request id; the box's answer, or BoxRefusedError."""
+        future = self._send(build)
         await self._write_out()
+        return await self.answer(future, timeout_s)
+
+    async def answer(
+        self, future: asyncio.Future[messages.BoxMessage], timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S
+    ) -> messages.BoxMessage:
+        """The answer to a request sent earlier (`send_early`); an ErrorMessage becomes BoxRefusedError."""
         try:
-            answer = await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            self._pending.pop(request.request_id, None)
-            raise BoxUnreachableError("the box did not answer") from None
+            answer = await self._wait(future, timeout_s, "the request")
+        finally:
+            if not future.done():
+                future.cancel()
         if isinstance(answer, messages.ErrorMessage):
             raise BoxRefusedError(answer.code.name, code=answer.code)
         return answer
 
-    def send_early(self, build: Callable[[int], messages.PhoneMessage]) -> asyncio.Future[messages.Message]:
+    def send_early(
+        self, build: Callable[[int], messages.PhoneMessage]
+    ) -> asyncio.Future[messages.BoxMessage]:
         """Queue a request to go right behind message_3 (before the handshake ends)."""
-        request = build(self._session.new_request_id())
-        future: asyncio.Future[messages.Message] = asyncio.get_running_loop().create_future()
-        self._pending[request.request_id] = future
-        self._session.send(request)
-        return future
+        return self._send(build)
+
+    async def next_message(self, timeout_s: float | None = None) -> messages.BoxMessage:
+        """The next message the box sent on its own (a reading, a session it ended)."""
+        getter = asyncio.ensure_future(self.unsolicited.get())
+        try:
+            return await self._wait(getter, timeout_s if timeout_s is not None else 1e9, "with a message")
+        finally:
+            if not getter.done():
+                getter.cancel()
 
     async def next_unsolicited(
-        self, kind: type[messages.Message], timeout_s: float = 10.0
+        self, kind: type[messages.Message], timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S
     ) -> messages.Message:
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BoxUnreachableError(f"no {kind.__name__} from the box")
-            try:
-                message = await asyncio.wait_for(self.unsolicited.get(), remaining)
-            except TimeoutError:
-                raise BoxUnreachableError(f"no {kind.__name__} from the box") from None
+            message = await self.next_message(max(0.0, deadline - time.monotonic()))
             if isinstance(message, kind):
                 return message
 
@@ -177,19 +311,26 @@ async def connect_to_box(
     operator_keys: Mapping[bytes, Ed25519PublicKey],
     clock: Callable[[], int] = lambda: int(time.time()),
     early_request: Callable[[int], messages.PhoneMessage] | None = None,
-) -> AsyncIterator[tuple[BoxLink, asyncio.Future[messages.Message] | None]]:
-    """Connect, subscribe, start EDHOC (with an optional request right behind message_3)."""
-    client = BleakClient(found.device)
-    try:
+    early_requests: Sequence[Callable[[int], messages.PhoneMessage]] = (),
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> AsyncIterator[tuple[BoxLink, asyncio.Future[messages.BoxMessage] | None]]:
+    """Connect, subscribe, start EDHOC. `early_requests` (then `early_request`) go right behind
+    message_3 with no round trip of their own; their answers are in `link.early_answers`."""
+    link: BoxLink | None = None
+
+    def disconnected(client: BleakClient) -> None:
+        if link is not None:
+            link._on_disconnected(client)
+
+    client = BleakClient(found.device, disconnected_callback=disconnected, timeout=connect_timeout_s)
+    with _radio(f"connecting to {found.name}"):
         await client.connect()
-    except (BleakError, TimeoutError) as exc:
-        raise BoxUnreachableError(f"connect failed: {exc}") from None
     try:
         # bleak on BlueZ reports mtu_size 23 until it acquires a write handle; the write
         # characteristic's own limit is the negotiated ATT MTU less the 3-byte ATT header
         write = client.services.get_characteristic(gatt.WRITE_CHARACTERISTIC_UUID)
         if write is None:
-            raise BoxUnreachableError("not a powerbox: no write characteristic")
+            raise BoxNotTrustedError(f"{found.name} is not a powerbox: no write characteristic")
         att_mtu = max(
             framing.ATT_MTU_MIN, min(framing.ATT_MTU_MAX, write.max_write_without_response_size + 3)
         )
@@ -202,14 +343,13 @@ async def connect_to_box(
             att_mtu=att_mtu,
         )
         link = BoxLink(client, session, clock)
-        try:
+        with _radio("subscribing to the box"):
             await client.start_notify(gatt.NOTIFY_CHARACTERISTIC_UUID, link._on_notification)
-        except BleakError as exc:
-            raise BoxUnreachableError(f"subscribe failed: {exc}") from None
+        link.early_answers = [link.send_early(build) for build in early_requests]
         early = link.send_early(early_request) if early_request is not None else None
         session.connect()
         await link._write_out()
         yield link, early
     finally:
-        with contextlib.suppress(BleakError, TimeoutError, EOFError):
+        with contextlib.suppress(*_RADIO_ERRORS):
             await client.disconnect()
