@@ -65,7 +65,6 @@ class BoxPolicy:
 class _Live:
     """What the poll loop keeps per running session, besides the store."""
 
-    last_reading: OutletReading | None = None
     # Where the energy register last stepped, to estimate energy finer than its resolution:
     # the register value and the monotonic ms when the step happened (midpoint of two polls).
     anchor_register_wh: int | None = None
@@ -201,13 +200,6 @@ class BoxController:
                     self._error(connection_id, _request_id(event), exc.code)
             await self._flush()
 
-    async def on_disconnect_all(self) -> None:
-        """The radio lost every central (bless cannot say which one left)."""
-        async with self._lock:
-            self.connections.forget_all()
-            for live in self._live.values():
-                live.connections.clear()
-
     async def _flush(self) -> None:
         for fragment in self.connections.data_to_send():
             result = self.notify(fragment)
@@ -320,7 +312,7 @@ class BoxController:
             raise PowerboxError(exc.detail, code=exc.code) from None
         self._spent.add(grant.grant_id)
         self._busy_outlets.add(outlet.number)
-        self._live[session.session_id] = _Live(last_reading=start_reading, connections={connection_id})
+        self._live[session.session_id] = _Live(connections={connection_id})
         try:
             await self.hardware.set_breaker(outlet.number, True)
         except HardwareError as exc:
@@ -688,7 +680,6 @@ class BoxController:
             )
             return
         live = self._live.setdefault(session.session_id, _Live())
-        live.last_reading = reading
         had_load = reading.power_w >= self.policy.idle_power_w
         await self.store.record_reading(
             session.session_id, register_wh=reading.energy_wh, time=now, had_load=had_load

@@ -508,10 +508,6 @@ class BoxConnections:
         self._sessions.pop(connection_id, None)
         self._reassembler.forget(connection_id)
 
-    def forget_all(self) -> None:
-        for connection_id in list(self._sessions):
-            self.forget(connection_id)
-
     def data_to_send(self) -> list[bytes]:
         """Notifications to send, in order."""
         out, self._outbox = self._outbox, []
