@@ -364,7 +364,8 @@ async def daily_report(context: ServerContext, *, from_time: int, to_time: int) 
     _check_window(from_time, to_time)
     if to_time - from_time > MAX_REPORT_DAYS * SECONDS_PER_DAY:
         raise MalformedRequestError(f"a report covers at most {MAX_REPORT_DAYS} days")
-    day = sessions.c.end_time / SECONDS_PER_DAY  # integer division on integer columns, both backends
+    # `//`: SQLAlchemy 2 turns `/` into true division; `//` stays integer division on both backends
+    day = sessions.c.end_time // SECONDS_PER_DAY
     async with context.database.connect() as connection:
         rows = await connection.execute(
             select(
