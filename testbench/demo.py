@@ -6,11 +6,14 @@ Each message is printed with its size and how many GATT writes or notifications 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import secrets
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -89,9 +92,58 @@ def _received(events: list[PhoneEvent], kind: type[messages.Message]) -> message
 
 @click.command()
 @click.option(
-    "--mtu", "att_mtu", default=247, show_default=True, type=click.IntRange(23, 517), help="ATT MTU"
+    "--walkthrough", is_flag=True, help="Only the protocol walk-through: a phone and a box engine in memory."
 )
-def demo(att_mtu: int) -> None:
+@click.option(
+    "--mtu",
+    "att_mtu",
+    default=247,
+    show_default=True,
+    type=click.IntRange(23, 517),
+    help="ATT MTU of the walk-through.",
+)
+def demo(walkthrough: bool, att_mtu: int) -> None:
+    """The offline story end to end: radio, plant, server, a box and two phones, all on this machine.
+
+    Embedded defaults; everything is torn down at the end; the exit status is non-zero if a step fails.
+    """
+    if walkthrough:
+        _walkthrough(att_mtu)
+    else:
+        _story()
+
+
+def _story() -> None:
+    from testbench.story import StoryError, run_offline_story  # the radio and server load only here
+
+    console = Console()
+    console.print("[bold]powerbox: the offline story[/] (virtual radio, simulated plant, server on SQLite)")
+
+    def report(step: str, data: dict[str, object]) -> None:
+        details = ", ".join(
+            f"{k} {v}" for k, v in data.items() if k != "ms" and not isinstance(v, dict | list)
+        )
+        console.print(f"[green]ok[/] {step} [dim]({data.get('ms')} ms)[/] {details[:160]}")
+
+    with tempfile.TemporaryDirectory(prefix="powerbox-demo-") as directory:
+        try:
+            result = asyncio.run(run_offline_story(Path(directory), report=report))
+        except StoryError as exc:
+            console.print(f"[red]failed[/] {exc}")
+            sys.exit(1)
+    if result.scan_to_power_ms is not None:
+        console.print(
+            f"scan-to-power offline: [bold]{result.scan_to_power_ms:.0f} ms[/] "
+            f"({result.scan_to_power_source})"
+        )
+    console.print(
+        f"the money journal balances: {result.books.get('balanced')}; "
+        f"whole story {result.total_ms / 1000:.1f} s"
+    )
+    sys.exit(0)
+
+
+def _walkthrough(att_mtu: int) -> None:
     """Walk through unlock, live readings, top-up and stop between a phone and a box, in memory."""
     console = Console()
     now = int(time.time())
