@@ -16,6 +16,7 @@ _SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("bluez", "testbench.bluez.cli", "bluez"),
     ("server", "ledger_server.cli", "server"),
     ("plant", "testbench.plant.cli", "plant"),
+    ("tui", "testbench.tui.cli", "tui"),
 )
 
 

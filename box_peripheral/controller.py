@@ -427,12 +427,28 @@ class BoxController:
                             running=session.end_time is None,
                         )
                     )
+                listed = tuple(summaries[-messages.MAX_LIST_ITEMS :])
                 self.connections.send(
-                    connection_id,
-                    messages.SessionList(
-                        request_id=request.request_id, sessions=tuple(summaries[-messages.MAX_LIST_ITEMS :])
-                    ),
+                    connection_id, messages.SessionList(request_id=request.request_id, sessions=listed)
                 )
+                # the receipts of listed sessions that ended, for an owner who was away at the time
+                for summary in listed:
+                    if not summary.running:
+                        await self._resend_receipt(connection_id, summary.session_id)
+
+    async def _resend_receipt(self, connection_id: int, session_id: bytes) -> None:
+        signed = await self.store.receipt(session_id)
+        if signed is None:  # ended before the box kept receipts beside its ledger
+            return
+        receipt = tokens.LedgerEntry.decode_unverified(signed).body  # our own entry from our own store
+        if not isinstance(receipt, tokens.SessionReceipt):
+            raise PowerboxError("stored receipt is not a receipt", code=ErrorCode.INTERNAL)
+        self.connections.send(
+            connection_id,
+            messages.SessionEnded(
+                request_id=0, session_id=session_id, end_reason=receipt.end_reason, receipt=signed
+            ),
+        )
 
     def _pulse_door(
         self, door: Door, outlet: int, token_id: bytes, *, answer: tuple[int, int] | None

@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_reason INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_running_session_per_outlet ON sessions (outlet) WHERE end_time IS NULL;
+-- the signed SESSION_ENDED entry of each ended session, kept after the ledger is pruned under an
+-- ack so an owner who was away when the session ended still gets the receipt (ListSessions)
+CREATE TABLE IF NOT EXISTS receipts (
+    session_id BLOB PRIMARY KEY,
+    signed BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -375,9 +381,17 @@ class BoxStore:
             )
             if cursor.rowcount != 1:
                 return None
-            return await self._append(
+            signed = await self._append(
                 db, kind=EntryKind.SESSION_ENDED, body=receipt, time=receipt.end_time, quality=quality
             )
+            await db.execute("INSERT INTO receipts (session_id, signed) VALUES (?, ?)", (session_id, signed))
+            return signed
+
+    async def receipt(self, session_id: bytes) -> bytes | None:
+        """The signed SESSION_ENDED entry of an ended session."""
+        async with self._db.execute("SELECT signed FROM receipts WHERE session_id = ?", (session_id,)) as c:
+            row = await c.fetchone()
+        return None if row is None else bytes(row[0])
 
     async def _session(self, db: aiosqlite.Connection, session_id: bytes) -> StoredSession | None:
         async with db.execute(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from phone_client.central import (
@@ -51,6 +51,8 @@ _RETRY_HANDSHAKE = frozenset(
     }
 )
 MAX_CARRY_ENTRIES = 40  # what the reference box hands out at once
+# the box sends them right behind the SessionList; this only bounds a box that lost one
+RECEIPTS_AFTER_LIST_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -308,12 +310,32 @@ class BoxVisit:
                 f"unexpected answer {type(answer).__name__}", code=ErrorCode.MESSAGE_UNEXPECTED
             )
         await self.wallet.record_session_list(box_id=self.box_id, sessions=answer.sessions)
+        await self._receipts_after_list(answer.sessions)
         sessions = []
         for summary in answer.sessions:
             session = await self.wallet.session(self.box_id, summary.session_id)
             if session is not None:
                 sessions.append(session)
         return sessions
+
+    async def _receipts_after_list(self, sessions: Sequence[messages.SessionSummary]) -> None:
+        """The box follows a SessionList with the SessionEnded of each listed session that ended
+        (docs/protocol.md §6.4): keep those receipts, and whatever else arrives meanwhile."""
+        waiting = {summary.session_id for summary in sessions if not summary.running}
+        deadline = time.monotonic() + RECEIPTS_AFTER_LIST_TIMEOUT_S
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:  # a box that lost a receipt: the session stays "ended while away"
+                return
+            try:
+                message = await self.link.next_message(left)
+            except BoxUnreachableError:
+                if self.link.failure is not None:
+                    raise
+                return
+            if isinstance(message, messages.SessionEnded):
+                waiting.discard(message.session_id)
+            await self._handle(message)
 
     async def collect_entries(self, max_entries: int = MAX_CARRY_ENTRIES) -> CarriedBatch | None:
         """Take the box's unacknowledged ledger entries to carry, sealed to the operator (S9)."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -1266,11 +1266,22 @@ async def _still_running(phone: Phone, visit: BoxVisit, session: WalletSession) 
         if seen.session_id == session.session_id:
             if seen.state is SessionState.RUNNING:
                 return seen
+            stored = await phone.wallet.receipt(seen.box_id, seen.session_id)
+            if stored is None:  # the box did not have it: the server's statement will
+                phone.out.emit(
+                    "ended_while_away",
+                    {**display.session_json(seen), "receipt": None},
+                    f"session {short(seen.session_id)} ended while you were away: {kwh(seen.energy_wh)}, "
+                    f"{yuan(seen.cost_fen)}; the box had no receipt to give, your statement will show it",
+                )
+                return None
             phone.out.emit(
                 "ended_while_away",
-                display.session_json(seen),
-                f"session {short(seen.session_id)} ended while you were away: {kwh(seen.energy_wh)}, "
-                f"{yuan(seen.cost_fen)}; its receipt reaches your statement when the box's ledger is synced",
+                {**display.session_json(seen), "receipt": display.receipt_json(stored)},
+                Group(
+                    Text(f"session {short(seen.session_id)} ended while you were away"),
+                    display.receipt_panel(stored),
+                ),
             )
             return None
     raise BoxRefusedError(

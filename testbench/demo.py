@@ -1,7 +1,9 @@
-"""`powerbox demo`: the protocol walk-through, a phone and a box engine talking in memory.
+"""`powerbox demo`: the offline story end to end (testbench/story.py), or with `--walkthrough` the
+protocol conversation between a phone and a box engine in memory.
 
-Every message crosses the real framing, EDHOC and secure channel code; only the radio is absent.
-Each message is printed with its size and how many GATT writes or notifications carry it.
+In the walk-through every message crosses the real framing, EDHOC and secure channel code; only the
+radio is absent. Each message is printed with its size and how many GATT writes or notifications
+carry it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import secrets
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -31,6 +37,9 @@ from protocol.session import (
     PhoneSession,
 )
 from protocol.testing import ConnectionPair, ScriptedBox, sample_certificate, sample_grant
+
+if TYPE_CHECKING:
+    from testbench.system import RunningSystem
 
 
 class _RecordNames:
@@ -102,18 +111,95 @@ def _received(events: list[PhoneEvent], kind: type[messages.Message]) -> message
     type=click.IntRange(23, 517),
     help="ATT MTU of the walk-through.",
 )
-def demo(walkthrough: bool, att_mtu: int) -> None:
+@click.option(
+    "--keep", is_flag=True, help="After the story, leave everything running to poke at until Ctrl-C."
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write every step's figures to this JSON file.",
+)
+def demo(walkthrough: bool, att_mtu: int, keep: bool, report_path: Path | None) -> None:
     """The offline story end to end: radio, plant, server, a box and two phones, all on this machine.
 
-    Embedded defaults; everything is torn down at the end; the exit status is non-zero if a step fails.
+    Embedded defaults; everything is torn down at the end (with --keep: at Ctrl-C); the exit status
+    is non-zero if a step fails.
     """
     if walkthrough:
         _walkthrough(att_mtu)
     else:
-        _story()
+        _story(keep=keep, report_path=report_path)
 
 
-def _story() -> None:
+def _reach(system: RunningSystem) -> dict[str, object]:
+    """How to reach each part of the running system from a shell."""
+    from testbench.bluez.node import BUS_ADDRESS_VARIABLE
+    from testbench.system import OPERATOR_USERNAME
+
+    box = system.box()
+    return {
+        "server": system.server.base_url,
+        "operator": {"username": OPERATOR_USERNAME, "password": system.server.operator_password},
+        "box": {"box_id": box.box_id, "config": str(box.config_path), "labels": box.labels},
+        "plant": {"host": box.plant.endpoint.host, "port": box.plant.endpoint.port},
+        "phones": {
+            phone.name: {
+                "wallet": str(phone.wallet),
+                "environment": {BUS_ADDRESS_VARIABLE: phone.node.bus_address},
+            }
+            for phone in system.phones
+        },
+    }
+
+
+def _poke_at(
+    console: Console, report_path: Path | None, reached: dict[str, object]
+) -> Callable[[RunningSystem], Awaitable[None]]:
+    """Print how to reach every part of the running system (and write it to the report at once, into
+    `reached` for the final report), then wait for Ctrl-C or SIGTERM."""
+
+    async def keep(system: RunningSystem) -> None:
+        reached.update(_reach(system))
+        if report_path is not None:
+            await asyncio.to_thread(_write_json, report_path, {"system": reached})
+        from testbench.bluez.node import BUS_ADDRESS_VARIABLE
+        from testbench.system import OPERATOR_USERNAME
+
+        server, box = system.server.base_url, system.box()
+        table = Table(title="the system is up: Ctrl-C stops it all", title_justify="left")
+        table.add_column("part", style="bold")
+        table.add_column("reach it with")
+        table.add_row("server", f"{server}/docs (OpenAPI)")
+        table.add_row("operator", f"username {OPERATOR_USERNAME}, password {system.server.operator_password}")
+        table.add_row("box", f"powerbox box status --config {box.config_path}")
+        table.add_row("box 4G", f"powerbox box uplink off|on --config {box.config_path}")
+        table.add_row("plant", f"powerbox plant status --port {box.plant.endpoint.port}")
+        table.add_row("loads", f"powerbox plant load --port {box.plant.endpoint.port} OUTLET WATTS")
+        for outlet, label in sorted(box.labels.items()):
+            table.add_row(f"label {outlet}", label)
+        for phone in system.phones:
+            table.add_row(
+                phone.name,
+                f"{BUS_ADDRESS_VARIABLE}={phone.node.bus_address} "
+                f"powerbox phone --wallet {phone.wallet} --server {server} status",
+            )
+        console.print(table)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        console.print("stopping everything")
+
+    return keep
+
+
+def _story(*, keep: bool, report_path: Path | None) -> None:
     from testbench.story import StoryError, run_offline_story  # the radio and server load only here
 
     console = Console()
@@ -125,12 +211,21 @@ def _story() -> None:
         )
         console.print(f"[green]ok[/] {step} [dim]({data.get('ms')} ms)[/] {details[:160]}")
 
+    reached: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="powerbox-demo-") as directory:
         try:
-            result = asyncio.run(run_offline_story(Path(directory), report=report))
+            result = asyncio.run(
+                run_offline_story(
+                    Path(directory),
+                    report=report,
+                    keep=_poke_at(console, report_path, reached) if keep else None,
+                )
+            )
         except StoryError as exc:
             console.print(f"[red]failed[/] {exc}")
             sys.exit(1)
+    if report_path is not None:
+        _write_json(report_path, {**result.as_json(), **({"system": reached} if reached else {})})
     if result.scan_to_power_ms is not None:
         console.print(
             f"scan-to-power offline: [bold]{result.scan_to_power_ms:.0f} ms[/] "
@@ -141,6 +236,10 @@ def _story() -> None:
         f"whole story {result.total_ms / 1000:.1f} s"
     )
     sys.exit(0)
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def _walkthrough(att_mtu: int) -> None:

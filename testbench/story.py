@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbench.system import COMMAND_TIMEOUT_S, eventually, running_system
+from testbench.system import COMMAND_TIMEOUT_S, RunningSystem, eventually, running_system
 
 Report = Callable[[str, dict[str, Any]], None]
 
@@ -51,6 +51,17 @@ class StoryResult:
     operator_report: list[dict[str, Any]] = field(default_factory=list)
     books: dict[str, Any] = field(default_factory=dict)
     total_ms: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "steps": [{"name": t.name, "ms": t.ms, **t.data} for t in self.steps],
+            "scan_to_power_ms": self.scan_to_power_ms,
+            "scan_to_power_source": self.scan_to_power_source,
+            "statements": self.statements,
+            "operator_report": self.operator_report,
+            "books": self.books,
+            "total_ms": self.total_ms,
+        }
 
     def step(self, name: str) -> StepTiming:
         for timing in self.steps:
@@ -86,8 +97,12 @@ class _Steps:
         self._report(name, {"ms": timing.ms, **data})
 
 
-async def run_offline_story(workdir: Path, *, report: Report) -> StoryResult:
-    """Bring everything up in `workdir`, walk the offline story, tear everything down."""
+async def run_offline_story(
+    workdir: Path, *, report: Report, keep: Callable[[RunningSystem], Awaitable[None]] | None = None
+) -> StoryResult:
+    """Bring everything up in `workdir`, walk the offline story, tear everything down.
+
+    With `keep`, the system stays up after the story until `keep(system)` returns."""
     result = StoryResult()
     steps = _Steps(result, report)
     began = time.perf_counter()
@@ -161,21 +176,23 @@ async def run_offline_story(workdir: Path, *, report: Report) -> StoryResult:
             data["waited_ms"] = round((time.perf_counter() - tripped_at) * 1000, 1)
             await plant.unplug(1)
 
-        async with steps.step("phone 1 comes back") as data:
+        async with steps.step("phone 1 comes back and gets its receipt") as data:
             came_back = await phone1.run("watch", expect="ended_while_away")
-            # the box's SessionList carries no end reason (protocol SessionSummary), so the phone
-            # cannot say why; a session that used up all it had ended at the balance
-            if came_back["remaining_fen"] != 0:
+            receipt = came_back["receipt"]
+            if receipt is None:
+                raise RuntimeError("the box did not hand phone 1 the receipt of its session")
+            if receipt["end_reason"] != "BALANCE_EXHAUSTED" or came_back["remaining_fen"] != 0:
                 raise RuntimeError(
-                    f"the session ended with {came_back['remaining_fen']} fen left: not the balance"
+                    f"the session ended by {receipt['end_reason']} with {came_back['remaining_fen']}"
+                    " fen left: not at the balance"
                 )
             data.update(
-                state=came_back["state"],
-                remaining_fen=came_back["remaining_fen"],
-                energy_wh=came_back["energy_wh"],
-                cost_fen=came_back["cost_fen"],
+                end_reason=receipt["end_reason"],
+                energy_wh=receipt["energy_wh"],
+                cost_fen=receipt["cost_fen"],
+                receipt=f"#{receipt['sequence']}, verified with the box's certificate",
             )
-            steps.data["cost1"] = came_back["cost_fen"]
+            steps.data["cost1"] = receipt["cost_fen"]
 
         async with steps.step("phone 2 uses outlet 2 and carries the ledger") as data:
             await plant.set_load(2, 2000)
@@ -250,6 +267,8 @@ async def run_offline_story(workdir: Path, *, report: Report) -> StoryResult:
                 anomalies=len(anomalies),
             )
 
+        if keep is not None:
+            await keep(system)
         async with steps.step("tear down"):
             await stack.aclose()
     result.total_ms = round((time.perf_counter() - began) * 1000, 1)

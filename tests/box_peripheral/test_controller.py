@@ -221,6 +221,44 @@ async def test_a_phone_that_walked_away_sees_its_session_again(tmp_path: Path) -
         assert stranger.errors() == [ErrorCode.SESSION_NOT_OWNER]
 
 
+async def test_a_phone_that_was_away_gets_the_receipt_when_it_lists_its_sessions(tmp_path: Path) -> None:
+    async with box_rig(tmp_path / "box.sqlite", hardware=(hw := MemoryHardware())) as rig:
+        phone = rig.phone()
+        started = await rig.start(phone)
+        hw.set_load(1, 1500)
+        rig.phones.remove(phone)  # out of range
+        rig.controller.connections.forget(phone.session.connection_id)
+        await rig.run_for(30_000)
+        assert await rig.controller.remote_stop(session_id=started.session_id)
+        # the operator's ack prunes the ledger: the receipt must outlive it
+        entries = await rig.controller.store.entries()
+        last = tokens.LedgerEntry.decode_unverified(entries[-1])
+        ack = tokens.LedgerAck(
+            box_id=rig.controller.box_id,
+            sequence=last.sequence,
+            entry_hash=tokens.entry_hash(entries[-1]),
+            issued_at=START_TIME + 60,
+        )
+        mule = rig.phone()
+        await rig.request(mule, messages.PushLedgerAck(request_id=1, ledger_ack=ack.sign(OPERATOR)))
+        assert isinstance(mule.last(messages.UpdateAccepted), messages.UpdateAccepted)
+        assert len(await rig.controller.store.entries()) < len(entries)
+        back = rig.phone(phone.key)
+        await rig.request(back, messages.ListSessions(request_id=back.session.new_request_id()))
+        listing = back.last(messages.SessionList)
+        assert isinstance(listing, messages.SessionList)
+        assert [(s.session_id, s.running) for s in listing.sessions] == [(started.session_id, False)]
+        ended = back.last(messages.SessionEnded)
+        assert isinstance(ended, messages.SessionEnded)
+        assert ended.request_id == 0
+        assert ended.end_reason is EndReason.REMOTE_STOP
+        receipt = tokens.LedgerEntry.verify(ended.receipt, cose.key_ring(BOX_KEY.public_key())).body
+        assert isinstance(receipt, tokens.SessionReceipt)
+        assert receipt.session_id == started.session_id
+        assert receipt.cost_fen == listing.sessions[0].cost_fen
+        assert receipt.energy_wh == listing.sessions[0].energy_wh > 0
+
+
 async def test_a_restart_closes_the_interrupted_session_once_from_its_last_reading(tmp_path: Path) -> None:
     database = tmp_path / "box.sqlite"
     hardware = MemoryHardware(outlets=(1, 2, 3, 4))

@@ -147,7 +147,13 @@ async def test_coming_back_to_a_session_that_ended_while_away(
     await breaker_opens(box_on_radio, 3)
     away = await cli.run("watch", expect="ended_while_away")
     assert away["session_id"] == started["session_id"]
-    assert away["state"] == "ended_away"
+    # the box follows its SessionList with the receipt: the phone learns why and what it cost
+    assert away["state"] == "ended"
+    assert away["receipt"]["end_reason"] == "TAMPER"
+    assert away["receipt"]["verified"] is True
+    assert away["receipt"]["cost_fen"] == away["cost_fen"]
+    receipts = (await cli.run("receipts", expect="receipts"))["receipts"]
+    assert [r["session_id"] for r in receipts] == [started["session_id"]]
     assert (await cli.run("sessions", expect="sessions"))["sessions"] == []
     stopped = await cli.fails("stop")
     assert (stopped["origin"], stopped["code"]) == ("phone", ErrorCode.SESSION_UNKNOWN)
