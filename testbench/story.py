@@ -134,6 +134,8 @@ async def run_offline_story(
 
         async with steps.step("4G goes down") as data:
             await box.uplink(False)
+            # a long poll in flight is dropped within half a second of the switch
+            steps.data["off_at"] = int(time.time()) + 1
             data["switch"] = "powerbox box uplink off"
 
         async with steps.step("phone 1 unlocks outlet 1 from its label") as data:
@@ -214,12 +216,20 @@ async def run_offline_story(
             steps.data["last_sequence"] = batch["last_sequence"]
 
         async with steps.step("phone 2 syncs with the server") as data:
+            # while 4G is off the box says nothing to the server: its entries come with phone 2
+            before = await operator.box(box.box_id)
+            if before["last_seen_at"] is None or before["last_seen_at"] > steps.data["off_at"]:
+                raise RuntimeError(f"the server heard from the box with 4G off: {before}")
+            if before["contiguous_sequence"] >= steps.data["last_sequence"]:
+                raise RuntimeError(f"the server had the box's entries before phone 2 brought them: {before}")
             synced = await phone2.run("sync", expect="synced")
             outcomes = synced["batches"]
             if not outcomes or outcomes[-1]["acked_sequence"] != steps.data["last_sequence"]:
                 raise RuntimeError(f"the server did not ack the carried batch: {outcomes}")
             data.update(
-                acked_sequence=outcomes[-1]["acked_sequence"], grants_settled=synced["grants_settled"]
+                server_had=before["contiguous_sequence"],
+                acked_sequence=outcomes[-1]["acked_sequence"],
+                grants_settled=synced["grants_settled"],
             )
 
         async with steps.step("4G returns") as data:
