@@ -1232,7 +1232,9 @@ async def start(
     """Scan LABEL (its text, or a photo of it), verify the box and start a session on its outlet."""
     target = await _target_label(phone, label)
     chosen = await phone.wallet.choose_grant(box_id=target.box_id, grant_prefix=grant_prefix)
+    scanning = time.perf_counter()  # the label is read: from here on it is scan-to-power
     async with _visit(phone, target, start_grant=chosen) as visit:
+        scan_to_power_ms = round((time.perf_counter() - scanning) * 1000, 1)
         session = visit.started
         assert session is not None
         phone.out.emit(
@@ -1241,12 +1243,14 @@ async def start(
                 **display.session_json(session),
                 "grant_id": chosen.grant_id.hex(),
                 "pushes": _pushes_json(visit),
+                "scan_to_power_ms": scan_to_power_ms,
             },
             Text.assemble(
                 ("power on: ", "bold green"),
                 f"{session.box_id} outlet {session.outlet}, session {short(session.session_id)}, "
                 f"{yuan(session.balance_fen)} at {price(session.price_fen_per_kwh)} "
                 f"(grant {short(chosen.grant_id)}); the outlet door is unlocked",
+                (f" ({scan_to_power_ms:.0f} ms from label to power)", "dim"),
             ),
         )
         if watch:

@@ -39,6 +39,7 @@ async def test_a_session_from_a_photo_of_the_label_to_the_receipt(
     process = await cli.spawn("start", str(photo), "--readings", "2")
     started = await process.wait_event("session_started", within=TIMEOUT)
     assert (started["box_id"], started["outlet"], started["balance_fen"]) == (box_on_radio.box_id, 2, 500)
+    assert started["scan_to_power_ms"] > 0  # the phone's own figure, label read to SessionStarted
     reading = await process.wait_event("reading", within=TIMEOUT)
     assert reading["session_id"] == started["session_id"]
     assert reading["voltage_dv"] > 0
