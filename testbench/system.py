@@ -14,9 +14,7 @@ import asyncio
 import base64
 import contextlib
 import secrets
-import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger_server import keys
@@ -40,6 +37,7 @@ from testbench.bluez import BleNode
 from testbench.box_setup import ProvisionedBox, write_box_directory
 from testbench.plant import Plant, running_plant
 from testbench.radio.process import RadioProcess
+from testbench.server_thread import ServerThread
 from testbench.testbed import BleTestbed, ControllerPool
 
 OPERATOR_USERNAME = "operator"
@@ -65,32 +63,6 @@ def phone_number(n: int) -> str:
 
 
 # --- the settlement server ---------------------------------------------------------------------
-
-
-class ServerThread:
-    """uvicorn serving the server app in a thread, on a loopback socket bound before it starts."""
-
-    def __init__(self, app: object, *, port: int = 0) -> None:
-        # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so (else 40 ms delayed ACKs)
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", port))
-        self.port = int(self.socket.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))  # type: ignore[arg-type]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    async def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the settlement server did not start")
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        await asyncio.to_thread(self.thread.join, 30)
-        self.socket.close()
 
 
 class RunningServer:
@@ -132,14 +104,14 @@ class RunningServer:
 
     async def start(self) -> None:
         thread = ServerThread(create_app(self.config, sms=self.sms), port=self.port)
-        await thread.start()
+        await asyncio.to_thread(thread.start)
         self._thread = thread
         self.port = thread.port
 
     async def stop(self) -> None:
         if self._thread is not None:
             thread, self._thread = self._thread, None
-            await thread.stop()
+            await asyncio.to_thread(thread.stop)
 
     async def restart(self) -> None:
         await self.stop()

@@ -16,8 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import delete, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -39,6 +36,7 @@ from ledger_server.journal import check_books
 from ledger_server.providers import DevSmsProvider
 from ledger_server.runtime import open_context
 from ledger_server.schema import accounts, metadata, staff
+from testbench.server_thread import ServerThread
 from tests.ledger_server.harness import OPERATOR_PASSWORD, OPERATOR_USERNAME, START_TIME, Api, MutableClock
 
 _databases = itertools.count(1)
@@ -271,32 +269,6 @@ class RunningServer:
     config: ServerConfig
     clock: MutableClock
     sms: DevSmsProvider
-
-
-class ServerThread:
-    """uvicorn serving `app` in a thread of this process, on a socket bound before it starts."""
-
-    def __init__(self, app: object) -> None:
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
-        # it every response waits out a delayed ACK (40 ms).
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = int(self.socket.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))  # type: ignore[arg-type]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see the log above)")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
 
 
 def server_config(url: str, key_directory: Path, **overrides: Any) -> ServerConfig:
