@@ -35,7 +35,7 @@ from protocol.tokens import BoxCertificate
 from testbench.app_process import AppProcess
 from testbench.bluez import BleNode
 from testbench.box_setup import ProvisionedBox, write_box_directory
-from testbench.plant import Plant, running_plant
+from testbench.plant import PlantProcess, plant_process
 from testbench.radio.process import RadioProcess
 from testbench.server_thread import ServerThread
 from testbench.testbed import BleTestbed, ControllerPool
@@ -119,29 +119,39 @@ class RunningServer:
 
 
 class OperatorConsole:
-    """The operator's console: the server's operator API over HTTP (logs in again when needed)."""
+    """The operator's console: the server's operator API over HTTP, on one kept-alive client (a
+    server restart keeps its port, so the client survives it)."""
 
     def __init__(self, server: RunningServer) -> None:
         self._server = server
         self._token: str | None = None
+        self._client = httpx.AsyncClient(base_url=server.base_url, timeout=60)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     async def call(
         self, method: str, path: str, *, json: Any = None, params: Any = None, expect: int = 200
     ) -> Any:
-        async with httpx.AsyncClient(base_url=self._server.base_url, timeout=60) as client:
-            if self._token is None:
-                login = await client.post(
-                    "/v1/auth/staff/token",
-                    json={"username": OPERATOR_USERNAME, "password": self._server.operator_password},
-                )
-                login.raise_for_status()
-                self._token = str(login.json()["access_token"])
-            response = await client.request(
-                method, path, json=json, params=params, headers={"Authorization": f"Bearer {self._token}"}
-            )
+        response = await self._send(method, path, json=json, params=params)
+        if response.status_code == 401:  # the token expired (after 15 minutes): log in again, once
+            self._token = None
+            response = await self._send(method, path, json=json, params=params)
         if response.status_code != expect:
             raise RuntimeError(f"{method} {path}: {response.status_code} {response.text}")
         return response.json() if response.content else None
+
+    async def _send(self, method: str, path: str, *, json: Any, params: Any) -> httpx.Response:
+        if self._token is None:
+            login = await self._client.post(
+                "/v1/auth/staff/token",
+                json={"username": OPERATOR_USERNAME, "password": self._server.operator_password},
+            )
+            login.raise_for_status()
+            self._token = str(login.json()["access_token"])
+        return await self._client.request(
+            method, path, json=json, params=params, headers={"Authorization": f"Bearer {self._token}"}
+        )
 
     async def box(self, box_id: str) -> dict[str, Any]:
         for box in await self.call("GET", "/v1/operator/boxes"):
@@ -230,7 +240,7 @@ class RunningBox:
     box_id: str
     provisioned: ProvisionedBox
     labels: dict[int, str]
-    plant: Plant
+    plant: PlantProcess  # a child process: the event loop of the caller (a TUI) cannot stall it
     node: BleNode
     testbed: BleTestbed
     process: AppProcess | None = None  # the daemon, while it runs
@@ -283,7 +293,7 @@ async def box_cli(*args: str) -> str:
 async def provision_box(
     operator: OperatorConsole,
     server: RunningServer,
-    plant: Plant,
+    plant: PlantProcess,
     directory: Path,
     *,
     box_id: str,
@@ -383,14 +393,19 @@ async def running_system(
         await server.start()
         stack.push_async_callback(server.stop)
         operator = OperatorConsole(server)
+        stack.push_async_callback(operator.aclose)
         await operator.call(
             "POST", "/v1/operator/tariffs", json={"default_price_fen_per_kwh": PRICE_FEN_PER_KWH}, expect=201
         )
         plants = [
             await stack.enter_async_context(
-                running_plant(outlets=OUTLETS_PER_BOX, time_scale=plant_time_scale)
+                plant_process(
+                    outlets=OUTLETS_PER_BOX,
+                    time_scale=plant_time_scale,
+                    log_path=workdir / f"plant-{box_id}.log",
+                )
             )
-            for _ in box_ids
+            for box_id in box_ids
         ]
         # closed first: the boxes and the phones go before the plants, the server and the radio
         testbed = BleTestbed(pool, log_dir=workdir / "logs")

@@ -13,6 +13,7 @@ from rich.text import Text
 from textual.pilot import Pilot
 from textual.widgets import Static
 
+from protocol.errors import ErrorCode
 from testbench.system import running_system
 from testbench.tui import BenchApp, LiveBench, StaticBench
 from testbench.tui.state import (
@@ -39,7 +40,9 @@ WAIT_S = 40.0
 # --- the scenario, on the real system -----------------------------------------------------------
 
 
-async def _until(pilot: Pilot[Any], app: BenchApp, check: Callable[[BenchState], bool], what: str) -> BenchState:
+async def _until(
+    pilot: Pilot[Any], app: BenchApp, check: Callable[[BenchState], bool], what: str
+) -> BenchState:
     """Let the app run until `check` holds for its state (bounded); the state then."""
     deadline = time.monotonic() + WAIT_S
     while not check(app.state):
@@ -57,17 +60,19 @@ def _text(app: BenchApp, selector: str) -> str:
 
 @pytest.mark.timeout(150)
 async def test_a_scenario_driven_from_the_keyboard(tmp_path: Path) -> None:
-    async with running_system(tmp_path / "system") as system:
-        app = BenchApp(LiveBench(system))
+    async with running_system(tmp_path / "system") as system, LiveBench.open(system) as bench:
+        app = BenchApp(bench)
         async with app.run_test(size=SCREEN) as pilot:
             # a failed action is news in the log, with its code where it has one, never a crash
             await pilot.press("x")
-            await _until(
+            state = await _until(
                 pilot,
                 app,
                 lambda s: any(e.level is LogLevel.ERROR and e.source == "phone1" for e in s.log),
                 "phone 1's stop without a session to fail",
             )
+            (failed,) = [e for e in state.log if e.level is LogLevel.ERROR]
+            assert (failed.code, failed.code_name) == (int(ErrorCode.SESSION_UNKNOWN), "SESSION_UNKNOWN")
             assert app.is_running
 
             await pilot.press("r")  # sign up with a deposit, then a grant
@@ -101,7 +106,7 @@ async def test_a_scenario_driven_from_the_keyboard(tmp_path: Path) -> None:
             await pilot.press("g")  # 4G off
             await _until(pilot, app, lambda s: not s.box.uplink_on, "4G to go off")
             await pilot.pause()
-            assert "4G OFF" in _text(app, "#box-summary")
+            assert "4G uplink OFF" in _text(app, "#box-summary")
             assert "4G OFF" in str(app.query_one("#box").border_title)
 
             await pilot.press("x")
@@ -120,16 +125,18 @@ async def test_a_scenario_driven_from_the_keyboard(tmp_path: Path) -> None:
             state = await _until(
                 pilot,
                 app,
-                lambda s: (
-                    s.box.last_sequence is not None
-                    and bool(s.server.boxes)
-                    and s.server.boxes[0].contiguous_sequence >= receipt.sequence
-                ),
-                "the server to hold the box's ledger up to the receipt",
+                lambda s: s.phones[0].busy is None and s.phones[0].last_result.startswith("sync:"),
+                "phone 1's sync",
             )
             assert state.phones[0].batches_to_carry == 0
-            assert state.server.books_balanced is True
             assert any(e.level is LogLevel.OK and e.text.startswith("handed in") for e in state.log)
+            state = await _until(
+                pilot,
+                app,
+                lambda s: bool(s.server.boxes) and s.server.boxes[0].contiguous_sequence >= receipt.sequence,
+                "the server to hold the box's ledger up to the receipt",
+            )
+            assert state.server.books_balanced is True
             await pilot.press("q")
 
 
@@ -139,7 +146,7 @@ async def test_a_scenario_driven_from_the_keyboard(tmp_path: Path) -> None:
 def _sample_state() -> BenchState:
     """A moment in the offline story: 4G is down, phone 1 draws 2 kW on outlet 1, phone 2 has
     stopped on outlet 2 and holds its receipt."""
-    ramp = (0, 0, 0, 500, 1000, 1500, 2000, 2000, 2000, 2000, 2000, 2000)
+    plugged_in = (0,) * 40 + (2000,) * 20  # 30 s of samples: power on for the last 10 s
     return BenchState(
         box=BoxView(
             box_id="BOX-DEMO-1",
@@ -157,8 +164,7 @@ def _sample_state() -> BenchState:
                     lock_energized=False,
                     session_id="5be1c0de",
                     session_balance_fen=500,
-                    session_energy_wh=412,
-                    power_history_w=ramp * 5,
+                    power_history_w=plugged_in,
                 ),
                 OutletView(
                     number=2,
@@ -197,10 +203,18 @@ def _sample_state() -> BenchState:
                 grants_available_fen=500,
                 grants=(
                     GrantView(
-                        grant_id="0a1b2c3d", status="in_session", box_id="BOX-DEMO-1", amount_fen=500, remaining_fen=0
+                        grant_id="0a1b2c3d",
+                        status="in_session",
+                        box_id="BOX-DEMO-1",
+                        amount_fen=500,
+                        remaining_fen=0,
                     ),
                     GrantView(
-                        grant_id="4e5f6a7b", status="available", box_id="BOX-DEMO-1", amount_fen=500, remaining_fen=500
+                        grant_id="4e5f6a7b",
+                        status="available",
+                        box_id="BOX-DEMO-1",
+                        amount_fen=500,
+                        remaining_fen=500,
                     ),
                 ),
                 sessions=(
@@ -248,8 +262,16 @@ def _sample_state() -> BenchState:
                 ),
             ),
             accounts=(
-                AccountView(phone="phone1", user_id="1", balances=Balances(available_fen=1000, frozen_fen=1000, arrears_fen=0)),
-                AccountView(phone="phone2", user_id="2", balances=Balances(available_fen=1500, frozen_fen=500, arrears_fen=0)),
+                AccountView(
+                    phone="phone1",
+                    user_id="1",
+                    balances=Balances(available_fen=1000, frozen_fen=1000, arrears_fen=0),
+                ),
+                AccountView(
+                    phone="phone2",
+                    user_id="2",
+                    balances=Balances(available_fen=1500, frozen_fen=500, arrears_fen=0),
+                ),
             ),
             anomaly_count=1,
             anomalies=(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -20,12 +21,10 @@ from textual.worker import Worker, WorkerState
 
 from . import render
 from .bench import Bench
-from .state import Action, ActionKind, BenchState, BoxView, PhoneView, ServerView
+from .state import Action, ActionKind, BenchState, BoxView, OutletView, PhoneView, ServerView
 
 PLANT_POLL_S = 0.5
 SYSTEM_POLL_S = 2.0
-
-_OUTLET_KEYS = Binding.Group("outlet", compact=True)
 
 
 class BoxPanel(Vertical):
@@ -35,6 +34,10 @@ class BoxPanel(Vertical):
     def __init__(self, box: BoxView) -> None:
         super().__init__(id="box")
         self._outlets = [outlet.number for outlet in box.outlets]
+        # what is on screen: only what changed is drawn again (each draw costs the event loop,
+        # which also serves the simulated plant)
+        self._shown_box: BoxView | None = None
+        self._shown_outlets: dict[int, tuple[OutletView, bool]] = {}
 
     def compose(self) -> ComposeResult:
         yield Static(id="box-summary")
@@ -47,16 +50,28 @@ class BoxPanel(Vertical):
                 yield Sparkline(id=f"power-{number}")
 
     def show(self, box: BoxView, *, selected_outlet: int) -> None:
-        self.border_title = render.box_title(box)
-        self.query_one("#box-summary", Static).update(render.box_summary(box))
+        shown = self._shown_box
+        if shown is None or render.box_title(shown) != render.box_title(box):
+            self.border_title = render.box_title(box)
+        summary = render.box_summary(box)
+        if shown is None or render.box_summary(shown) != summary:
+            self.query_one("#box-summary", Static).update(summary, layout=False)
+        self._shown_box = box
         for outlet in box.outlets:
-            if outlet.number not in self._outlets:
+            selected = outlet.number == selected_outlet
+            if outlet.number not in self._outlets or self._shown_outlets.get(outlet.number) == (
+                outlet,
+                selected,
+            ):
                 continue
+            before = self._shown_outlets.get(outlet.number)
+            self._shown_outlets[outlet.number] = (outlet, selected)
             self.query_one(f"#outlet-{outlet.number}", Static).update(
-                render.outlet_line(outlet, selected=outlet.number == selected_outlet)
+                render.outlet_line(outlet, selected=selected), layout=False
             )
-            # a leading zero pins the plot's floor at 0 W (Sparkline scales from the data's minimum)
-            self.query_one(f"#power-{outlet.number}", Sparkline).data = (0, *outlet.power_history_w)
+            if before is None or before[0].power_history_w != outlet.power_history_w:
+                # a leading zero pins the plot's floor at 0 W (Sparkline scales from the data's minimum)
+                self.query_one(f"#power-{outlet.number}", Sparkline).data = (0, *outlet.power_history_w)
 
 
 class PhonePanel(Vertical):
@@ -64,11 +79,15 @@ class PhonePanel(Vertical):
 
     def __init__(self, index: int) -> None:
         super().__init__(id=f"phone-{index + 1}", classes="phone")
+        self._shown: tuple[PhoneView, bool] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(classes="phone-body")
 
     def show(self, phone: PhoneView, *, selected: bool) -> None:
+        if self._shown == (phone, selected):
+            return
+        self._shown = (phone, selected)
         self.border_title = render.phone_title(phone, selected=selected)
         self.set_class(selected, "-selected")
         self.query_one(".phone-body", Static).update(render.phone_body(phone))
@@ -79,13 +98,19 @@ class ServerPanel(Vertical):
 
     def __init__(self) -> None:
         super().__init__(id="server")
+        self._shown: Text | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="server-body")
 
-    def show(self, server: ServerView, box: BoxView) -> None:
+    def on_mount(self) -> None:
         self.border_title = "settlement server"
-        self.query_one("#server-body", Static).update(render.server_body(server, box))
+
+    def show(self, server: ServerView, box: BoxView) -> None:
+        body = render.server_body(server, box)
+        if body != self._shown:
+            self._shown = body
+            self.query_one("#server-body", Static).update(body)
 
 
 def _action(kind: ActionKind) -> str:
@@ -106,8 +131,7 @@ class BenchApp(App[None]):
     .outlet-row Sparkline { width: 1fr; }
     #middle { height: 18; }
     .phone, #server { width: 1fr; border: round $panel-lighten-2; padding: 0 1; }
-    .phone.-selected { border: round $accent; }
-    .phone.-selected { border-title-style: bold; }
+    .phone.-selected { border: round $accent; border-title-style: bold; }
     #server { width: 1.2fr; }
     #log { height: 1fr; min-height: 5; border: round $panel-lighten-2; padding: 0 1; }
     #help { height: 1; padding: 0 1; }
@@ -115,10 +139,7 @@ class BenchApp(App[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "quit"),
-        *(
-            Binding(str(n), f"select_outlet({n})", f"outlet {n}", group=_OUTLET_KEYS, show=False)
-            for n in range(1, 5)
-        ),
+        *(Binding(str(n), f"select_outlet({n})", f"outlet {n}", show=False) for n in range(1, 5)),
         Binding("tab", "next_phone", "next phone", show=False, priority=True),
         Binding("p", "next_phone", "phone"),
         Binding("g", _action(ActionKind.TOGGLE_UPLINK), "4G"),
@@ -150,6 +171,7 @@ class BenchApp(App[None]):
         self._system_poll_s = system_poll_s
         self._polls_running: set[str] = set()
         self._log_shown = 0  # the serial of the last log entry written to the log pane
+        self._help_shown: Text | None = None
         initial = bench.state
         self._box = BoxPanel(initial.box)
         self._phones = [PhonePanel(index) for index in range(len(initial.phones))]
@@ -194,7 +216,10 @@ class BenchApp(App[None]):
                 log.write(render.log_line(entry), expand=True)
                 self._log_shown = entry.serial
         selected = state.phones[self.selected_phone] if state.phones else None
-        self.query_one("#help", Static).update(render.help_line(selected, state.box, self.selected_outlet))
+        help_line = render.help_line(selected, state.box, self.selected_outlet)
+        if help_line != self._help_shown:
+            self._help_shown = help_line
+            self.query_one("#help", Static).update(help_line, layout=False)
 
     def watch_selected_phone(self) -> None:
         self._show()

@@ -13,22 +13,27 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import httpx
 
-from box_peripheral.config import load_config
+from box_peripheral.config import BoxConfig, load_config
+from box_peripheral.store import BoxStore
 from box_peripheral.uplink import off_switch_path
 from phone_client.display import kwh, yuan
 from protocol.errors import PowerboxError
 from testbench.app_process import AppProcess, AppProcessError
 from testbench.plant import PlantControlError, PlantStatus
-from testbench.system import COMMAND_TIMEOUT_S, PhoneCli, PhoneCommandError, RunningBox, RunningSystem
+from testbench.system import (
+    COMMAND_TIMEOUT_S,
+    OperatorConsole,
+    PhoneCli,
+    PhoneCommandError,
+    RunningBox,
+    RunningSystem,
+)
 
 from .state import (
     AccountView,
@@ -56,6 +61,7 @@ LOAD_STEP_W = 500  # what `+` and `-` add and take away
 POWER_HISTORY_SAMPLES = 60  # 30 s at the TUI's plant poll of 0.5 s
 LOG_ENTRIES = 500
 ANOMALIES_SHOWN = 3
+ANOMALY_PAGE = 100
 
 
 class Bench(Protocol):
@@ -109,7 +115,8 @@ class StaticBench:
 
 
 class ActionFailedError(RuntimeError):
-    """An action's own check failed (for example: no box status); `code` when the refusal has one."""
+    """An action or a poll failed: the operator API refused, the box has no such outlet...; `code`
+    when the refusal has a wire code."""
 
     def __init__(self, text: str, *, code: int | None = None, code_name: str | None = None) -> None:
         super().__init__(text)
@@ -147,21 +154,24 @@ def _short(hex_id: str) -> str:
 
 
 class LiveBench:
-    """A bench over a running system (its first box and all its phones)."""
+    """A bench over a running system (its first box and all its phones); `LiveBench.open(system)`."""
 
     def __init__(
         self,
         system: RunningSystem,
+        operator: OperatorConsole,
         *,
         deposit_yuan: str = DEPOSIT_YUAN,
         grant_yuan: str = GRANT_YUAN,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._system = system
+        self._operator = operator
         self._box: RunningBox = system.box()
-        config = load_config(self._box.config_path)
-        self._uplink_configured = config.uplink.server is not None and config.uplink.enabled
-        self._uplink_off_switch = off_switch_path(config.database)
+        self._box_config: BoxConfig = load_config(self._box.config_path)
+        uplink = self._box_config.uplink
+        self._uplink_configured = uplink.server is not None and uplink.enabled
+        self._uplink_off_switch = off_switch_path(self._box_config.database)
         self._deposit_yuan = deposit_yuan
         self._grant_yuan = grant_yuan
         self._monotonic = monotonic
@@ -171,7 +181,7 @@ class LiveBench:
             outlet: collections.deque([0] * POWER_HISTORY_SAMPLES, maxlen=POWER_HISTORY_SAMPLES)
             for outlet in self._box.labels
         }
-        self._running_by_outlet: dict[int, dict[str, Any]] = {}
+        self._running_by_outlet: dict[int, tuple[str, int]] = {}  # session id, balance in fen
         self._plant: PlantStatus | None = None
         self._box_view = BoxView(
             box_id=self._box.box_id,
@@ -190,13 +200,20 @@ class LiveBench:
                 )
                 for outlet in sorted(self._box.labels)
             ),
-            labels=tuple(sorted(self._box.labels.items())),
         )
         self._phones = [PhoneView(name=phone.name, number=phone.number) for phone in system.phones]
         self._server = ServerView(base_url=system.server.base_url)
         self._log: collections.deque[LogEntry] = collections.deque(maxlen=LOG_ENTRIES)
         self._serial = 0
         self._poll_errors: dict[str, str] = {}  # the last failure of each poll, logged once
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, system: RunningSystem, *, deposit_yuan: str = DEPOSIT_YUAN, grant_yuan: str = GRANT_YUAN
+    ) -> AsyncIterator[LiveBench]:
+        """A bench over `system`, using its operator console (one kept-alive HTTP client)."""
+        yield cls(system, system.operator, deposit_yuan=deposit_yuan, grant_yuan=grant_yuan)
 
     # --- the snapshot ---
 
@@ -256,12 +273,17 @@ class LiveBench:
 
     async def poll_system(self) -> None:
         with self._polling(self._box.box_id):
-            status = await _box_status(self._box.config_path)
-            self._running_by_outlet = {int(s["outlet"]): s for s in status["running_sessions"]}
+            # what `powerbox box status` reads, read here: a process every poll costs too much CPU
+            config = self._box_config
+            async with BoxStore.open(
+                config.database, box_id=config.certificate.box_id, box_key=config.box_key
+            ) as store:
+                running = await store.running_sessions()
+                last_sequence = await store.last_sequence()
+                acked_sequence = await store.acked_sequence()
+            self._running_by_outlet = {s.outlet: (_short(s.session_id.hex()), s.balance_fen) for s in running}
             self._box_view = dataclasses.replace(
-                self._box_view,
-                last_sequence=status["last_sequence"],
-                acked_sequence=status["acked_sequence"],
+                self._box_view, last_sequence=last_sequence, acked_sequence=acked_sequence
             )
         self._box_view = dataclasses.replace(self._box_view, uplink_on=self._uplink_on())
         self._rebuild_box()
@@ -274,6 +296,7 @@ class LiveBench:
         outlets = []
         for outlet in self._plant.outlets:
             running = self._running_by_outlet.get(outlet.outlet)
+            session_id, balance_fen = (None, None) if running is None else running
             outlets.append(
                 OutletView(
                     number=outlet.outlet,
@@ -284,9 +307,8 @@ class LiveBench:
                     breaker_closed=outlet.breaker_closed,
                     door_closed=outlet.door_closed,
                     lock_energized=outlet.lock_energized,
-                    session_id=None if running is None else _short(str(running["session_id"])),
-                    session_balance_fen=None if running is None else int(running["balance_fen"]),
-                    session_energy_wh=None if running is None else int(running["energy_wh"]),
+                    session_id=session_id,
+                    session_balance_fen=balance_fen,
                     power_history_w=tuple(self._history.get(outlet.outlet, ())),
                 )
             )
@@ -301,9 +323,9 @@ class LiveBench:
         return self._uplink_configured and not self._uplink_off_switch.exists()
 
     async def _server_view(self) -> ServerView:
-        operator = self._system.operator
+        operator = self._operator
         boxes = await operator.call("GET", "/v1/operator/boxes")
-        anomalies = await operator.call("GET", "/v1/operator/anomalies", params={"limit": 100})
+        anomalies = await self._anomalies()
         books = await operator.call("GET", "/v1/operator/books")
         accounts = []
         for phone in self._phones:
@@ -344,6 +366,18 @@ class LiveBench:
             journal_transactions=int(books["transactions"]),
         )
 
+    async def _anomalies(self) -> list[dict[str, Any]]:
+        """Every anomaly, oldest first (the route pages by id)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            after = found[-1]["anomaly_id"] if found else 0
+            page = await self._operator.call(
+                "GET", "/v1/operator/anomalies", params={"after_id": after, "limit": ANOMALY_PAGE}
+            )
+            found.extend(page)
+            if len(page) < ANOMALY_PAGE:
+                return found
+
     async def refresh_phones(self) -> None:
         await asyncio.gather(*(self._refresh_phone(index) for index in range(len(self._phones))))
 
@@ -355,11 +389,11 @@ class LiveBench:
         """The phone's wallet by its CLI (the caller holds the phone's lock)."""
         phone = self._system.phones[index]
         with self._polling(phone.name):
-            status, grants, receipts = await asyncio.gather(
-                phone.run("status", expect="status"),
-                phone.run("grant", "list", expect="grants"),
-                phone.run("receipts", expect="receipts"),
-            )
+            # one after the other: the first command on a new wallet creates it (two at once race),
+            # and three at once are a burst of CPU the box's meter polling can do without
+            status = await phone.run("status", expect="status")
+            grants = await phone.run("grant", "list", expect="grants")
+            receipts = await phone.run("receipts", expect="receipts")
             login = status["login"]
             balances = status["balances"]
             self._phones[index] = dataclasses.replace(
@@ -420,8 +454,7 @@ class LiveBench:
             self._note(LogLevel.ERROR, source, failure.text, code=failure.code, code_name=failure.code_name)
         else:
             self._note(LogLevel.OK, source, result)
-        with contextlib.suppress(Exception):
-            await self.poll_plant()
+        await self.poll_plant()  # show the doors and loads as they are now
 
     async def _phone_action(self, action: Action) -> None:
         index = action.phone
@@ -441,8 +474,9 @@ class LiveBench:
             else:
                 self._note(LogLevel.OK, phone.name, result)
                 outcome = f"{action.kind.value}: {result}"
-            self._phones[index] = dataclasses.replace(self._phones[index], busy=None, last_result=outcome)
             await self._read_wallet(index)
+            # done only now, so that a finished action always shows the wallet it left behind
+            self._phones[index] = dataclasses.replace(self._phones[index], busy=None, last_result=outcome)
 
     async def _run_phone_action(self, phone: PhoneCli, action: Action) -> str:
         box = self._box
@@ -569,7 +603,7 @@ class LiveBench:
                 await control.set_load(action.outlet, load)
                 return f"outlet {action.outlet}: the load draws {load:,} W"
             case ActionKind.RECONCILE:
-                done = await self._system.operator.call("POST", "/v1/operator/reconcile")
+                done = await self._operator.call("POST", "/v1/operator/reconcile")
                 balanced = "balanced" if done["books"]["balanced"] else "NOT balanced"
                 return (
                     f"reconciled: {done['entries_applied']} entries applied, "
@@ -618,29 +652,3 @@ async def _finish(
     if event.get("event") == "error":
         raise PhoneCommandError(phone.name, args, event)
     return dict(event)
-
-
-async def _box_status(config_path: Path) -> dict[str, Any]:
-    """`powerbox box status --json` (the box's store, read beside the running daemon)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "powerbox_cli", "box", "status", "--json", "--config", str(config_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT_S):
-            output, errors = await process.communicate()
-    except TimeoutError:
-        raise ActionFailedError("`powerbox box status` did not answer") from None
-    finally:
-        if process.returncode is None:  # timed out or cancelled: leave nothing behind
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.shield(process.wait())
-    if process.returncode != 0:
-        raise ActionFailedError(
-            f"`powerbox box status` exited {process.returncode}: {errors.decode().strip()}"
-        )
-    result = json.loads(output)
-    if not isinstance(result, dict):
-        raise ActionFailedError("`powerbox box status --json` printed no object")
-    return result

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import click
 
-from testbench.system import DEFAULT_PHONES
+from testbench.system import DEFAULT_PHONES, running_system
+
+from .app import BenchApp
+from .bench import LiveBench
 
 
 @click.command()
@@ -22,7 +25,13 @@ from testbench.system import DEFAULT_PHONES
     default=None,
     help="Keep the system's files (databases, wallets, logs) here; default: a temporary directory.",
 )
-@click.option("--phones", type=click.IntRange(1, 4), default=DEFAULT_PHONES, show_default=True)
+@click.option(
+    "--phones",
+    type=click.IntRange(1, 4),
+    default=DEFAULT_PHONES,
+    show_default=True,
+    help="How many phones, each on its own Bluetooth node with its own wallet.",
+)
 @click.option("--uplink/--no-uplink", default=True, show_default=True, help="Whether the box's 4G starts on.")
 def tui(workdir: Path | None, phones: int, uplink: bool) -> None:
     """A test bench on one screen: drive the box, the phones and the server from the keyboard.
@@ -44,16 +53,13 @@ def _workdir(given: Path | None) -> Iterator[Path]:
 
 
 async def _run(workdir: Path, *, phones: int, uplink_on: bool) -> None:
-    # the radio and the server load only here, as for `powerbox demo`
-    from testbench.system import running_system
-
-    from .app import BenchApp
-    from .bench import LiveBench
-
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-    async with running_system(workdir, phones=phones, uplink_on=uplink_on) as system:
+    async with (
+        running_system(workdir, phones=phones, uplink_on=uplink_on) as system,
+        LiveBench.open(system) as bench,
+    ):
         with _logging_to(workdir / "tui.log"):
-            await BenchApp(LiveBench(system)).run_async()
+            await BenchApp(bench).run_async()
 
 
 @contextlib.contextmanager

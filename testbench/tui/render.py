@@ -35,7 +35,8 @@ def box_summary(box: BoxView) -> Text:
         text.append("-", style="dim")
     else:
         acked = "-" if box.acked_sequence is None else str(box.acked_sequence)
-        text.append(f"entries 1-{box.last_sequence}, acked up to {acked}")
+        written = "no entries" if not box.last_sequence else f"entries 1-{box.last_sequence}"
+        text.append(f"{written}, acked up to {acked}")
     return text
 
 
@@ -133,10 +134,8 @@ def server_body(server: ServerView, box: BoxView) -> Text:
             if ledger.last_seen_at is None
             else f"seen {server.as_of - ledger.last_seen_at} s ago"
         )
-        text.append(
-            f"  {ledger.box_id}: has 1-{ledger.contiguous_sequence}, "
-            f"applied {ledger.applied_sequence}; {seen}\n"
-        )
+        held = "nothing" if not ledger.contiguous_sequence else f"1-{ledger.contiguous_sequence}"
+        text.append(f"  {ledger.box_id}: has {held}, applied {ledger.applied_sequence}; {seen}\n")
         if ledger.box_id == box.box_id and box.last_sequence is not None:
             behind = box.last_sequence - ledger.contiguous_sequence
             text.append(
@@ -188,9 +187,9 @@ def log_line(entry: LogEntry) -> Text:
 
 def help_line(phone: PhoneView | None, box: BoxView, outlet: int) -> Text:
     text = Text()
-    text.append("phone ", style="dim")
-    text.append("none" if phone is None else f"{phone.name} ({phone.number})", style="bold")
-    text.append("   outlet ", style="dim")
-    text.append(f"{outlet} of {box.box_id}", style="bold")
-    text.append("   keys: 1-4 outlet · tab/p phone · +/- load ±500 W · the rest below", style="dim")
+    text.append("selected ", style="dim")
+    text.append("no phone" if phone is None else f"{phone.name} ({phone.number})", style="bold")
+    text.append(", ", style="dim")
+    text.append(f"outlet {outlet} of {box.box_id}", style="bold")
+    text.append("    1-4 choose the outlet · tab/p the phone · +/- load ±500 W", style="dim")
     return text

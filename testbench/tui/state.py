@@ -27,7 +27,6 @@ class OutletView:
     lock_energized: bool
     session_id: str | None = None  # the first 8 hex digits of the box's running session
     session_balance_fen: int | None = None
-    session_energy_wh: int | None = None
     power_history_w: tuple[int, ...] = ()  # oldest first, one sample per plant poll
 
 
@@ -37,7 +36,6 @@ class BoxView:
     uplink_on: bool
     metering_door_closed: bool
     outlets: tuple[OutletView, ...]
-    labels: tuple[tuple[int, str], ...] = ()  # (outlet, QR label text)
     last_sequence: int | None = None  # the newest ledger entry the box wrote
     acked_sequence: int | None = None  # the newest one an operator-signed ack covers
 
