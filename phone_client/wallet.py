@@ -470,13 +470,19 @@ class Wallet:
             raise WalletError(f"{self.path} is not a powerbox wallet ({exc})") from None
         if application_id == 0 and tables == 0:
             async with self._transaction() as db:
-                for statement in _statements(SCHEMA):
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif application_id != APPLICATION_ID:
+                # two commands opening a new wallet at once: only the first to get the lock creates it
+                async with db.execute("SELECT count(*) FROM sqlite_master") as cursor:
+                    row = await cursor.fetchone()
+                if row is not None and row[0] == 0:
+                    for statement in _statements(SCHEMA):
+                        await db.execute(statement)
+                    await db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            application_id = await self._scalar("PRAGMA application_id")
+            version = await self._scalar("PRAGMA user_version")
+        if application_id != APPLICATION_ID:
             raise WalletError(f"{self.path} is an SQLite file of another program, not a powerbox wallet")
-        elif version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise WalletError(
                 f"{self.path} was written by a newer powerbox (wallet version {version}); update powerbox"
             )

@@ -3,6 +3,7 @@ and files that are not wallets."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -87,6 +88,18 @@ async def test_the_device_key_is_made_once_and_kept(tmp_path: Path) -> None:
     async with Wallet.open(path) as again:
         assert await again.device_public_key() == key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds a private key
+
+
+async def test_opening_a_new_wallet_twice_at_once_makes_one_wallet_with_one_key(tmp_path: Path) -> None:
+    """Two commands on one new wallet (the TUI reads a phone while it acts): one creates it."""
+    path = tmp_path / "wallet.sqlite"
+
+    async def open_and_read_key() -> bytes:
+        async with Wallet.open(path) as wallet:
+            return await wallet.device_public_key()
+
+    keys = await asyncio.gather(*(open_and_read_key() for _ in range(4)))
+    assert len(set(keys)) == 1
 
 
 async def test_a_grant_is_kept_only_if_signed_and_bound_to_this_phone(wallet: Wallet) -> None:
