@@ -111,11 +111,15 @@ class AppProcess:
             async with asyncio.timeout(within), self._new_message:
                 while (found := find()) is None:
                     if self._reader.done():
-                        raise AppProcessError(f"{self.name} ended (status {self.returncode}) before {what}")
+                        last = f"; its last message: {self._messages[-1]}" if self._messages else ""
+                        raise AppProcessError(
+                            f"{self.name} ended (status {self.returncode}) before {what}{last}"
+                        )
                     await self._new_message.wait()
                 return found
         except TimeoutError:
-            raise AppProcessError(f"{self.name}: no {what} within {within} s") from None
+            last = f"; its last message: {self._messages[-1]}" if self._messages else ""
+            raise AppProcessError(f"{self.name}: no {what} within {within} s{last}") from None
 
     async def wait_event(self, event: str, *, within: float, **fields: Any) -> Message:
         """The next ``{"event": event, ...}`` message whose fields include ``fields``."""
