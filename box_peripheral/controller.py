@@ -20,6 +20,7 @@ from box_peripheral.clock import BoxClock
 from box_peripheral.hardware.base import BoxHardware, HardwareError, OutletReading
 from box_peripheral.store import (
     CLOCK_HIGH_WATER,
+    LAST_SYNC,
     REVOCATION_LIST,
     TARIFF_TABLE,
     BoxStore,
@@ -171,6 +172,7 @@ class BoxController:
                 EndReason.POWER_LOSS,
                 end_register_wh=session.last_register_wh,
                 end_time=session.last_reading_time,
+                entry_time=self.clock.now(),  # the receipt says when power was last seen; the ledger, now
             )
         self._spent = await self.store.spent_grant_ids()
         self._busy_outlets = {s.outlet for s in await self.store.running_sessions()}
@@ -241,7 +243,11 @@ class BoxController:
                     live.connections.discard(connection_id)
 
     async def _observe_operator_time(self, signed_time: int) -> None:
+        synced_before = self.clock.last_sync
         moved = self.clock.observe_operator_time(signed_time)
+        if self.clock.last_sync is not None and self.clock.last_sync != synced_before:
+            # kept across restarts: a reboot must not make every entry "never synced"
+            await self.store.put_setting(LAST_SYNC, self.clock.last_sync.to_bytes(8, "big"))
         if moved is not None:
             before, after = moved
             await self.store.append(
@@ -828,6 +834,7 @@ class BoxController:
         *,
         end_register_wh: int,
         end_time: int,
+        entry_time: int | None = None,
         request_id: int = 0,
         requester: int | None = None,
     ) -> bytes | None:
@@ -846,7 +853,9 @@ class BoxController:
             cost_fen=tariff.charged_cost_fen(energy, session.price_fen_per_kwh, session.balance_fen),
             end_reason=reason,
         )
-        signed = await self.store.end_session(session.session_id, receipt, quality=self.clock.quality())
+        signed = await self.store.end_session(
+            session.session_id, receipt, quality=self.clock.quality(), entry_time=entry_time
+        )
         if signed is None:
             return None
         self._busy_outlets.discard(session.outlet)

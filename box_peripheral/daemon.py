@@ -15,7 +15,7 @@ from box_peripheral.controller import BoxController
 from box_peripheral.gatt_server import BoxGattServer
 from box_peripheral.hardware import open_hardware
 from box_peripheral.hardware.base import HardwareError
-from box_peripheral.store import CLOCK_HIGH_WATER, BoxStore
+from box_peripheral.store import BoxStore
 from box_peripheral.uplink import Uplink, off_switch_path
 
 log = logging.getLogger("powerbox.box")
@@ -57,8 +57,8 @@ async def run_box(
     async with BoxStore.open(
         config.database, box_id=config.certificate.box_id, box_key=config.box_key
     ) as store:
-        high_water = await store.setting(CLOCK_HIGH_WATER)
-        clock = BoxClock(wall=wall_clock, high_water=int.from_bytes(high_water, "big") if high_water else 0)
+        high_water, last_sync = await store.clock_state()
+        clock = BoxClock(wall=wall_clock, high_water=high_water, last_sync=last_sync)
         controller = BoxController(
             certificate=config.certificate,
             signed_certificate=config.signed_certificate,

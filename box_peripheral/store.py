@@ -370,9 +370,15 @@ class BoxStore:
         )
 
     async def end_session(
-        self, session_id: bytes, receipt: tokens.SessionReceipt, *, quality: TimeQuality
+        self,
+        session_id: bytes,
+        receipt: tokens.SessionReceipt,
+        *,
+        quality: TimeQuality,
+        entry_time: int | None = None,
     ) -> bytes | None:
-        """Close a running session with its receipt, exactly once. None if it was already closed."""
+        """Close a running session with its receipt, exactly once. None if it was already closed.
+        The entry is stamped `entry_time` (default: the receipt's end)."""
         async with self._transaction() as db:
             cursor = await db.execute(
                 "UPDATE sessions SET end_time = ?, end_reason = ?, last_register_wh = ?"
@@ -382,10 +388,23 @@ class BoxStore:
             if cursor.rowcount != 1:
                 return None
             signed = await self._append(
-                db, kind=EntryKind.SESSION_ENDED, body=receipt, time=receipt.end_time, quality=quality
+                db,
+                kind=EntryKind.SESSION_ENDED,
+                body=receipt,
+                time=receipt.end_time if entry_time is None else entry_time,
+                quality=quality,
             )
             await db.execute("INSERT INTO receipts (session_id, signed) VALUES (?, ?)", (session_id, signed))
             return signed
+
+    async def clock_state(self) -> tuple[int, int | None]:
+        """What the clock persisted: its high-water mark, and the newest operator time it saw."""
+        high_water = await self.setting(CLOCK_HIGH_WATER)
+        last_sync = await self.setting(LAST_SYNC)
+        return (
+            int.from_bytes(high_water, "big") if high_water else 0,
+            int.from_bytes(last_sync, "big") if last_sync else None,
+        )
 
     async def receipt(self, session_id: bytes) -> bytes | None:
         """The signed SESSION_ENDED entry of an ended session."""

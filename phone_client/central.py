@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.device import BLEDevice
@@ -93,27 +93,44 @@ class FoundBox:
     scan_ms: int
 
 
+async def scan_until(
+    matches: Callable[[BLEDevice, AdvertisementData], bool], *, timeout_s: float, **scanner_options: Any
+) -> tuple[BLEDevice, AdvertisementData] | None:
+    """Scan until an advertisement `matches` (the device and it), or None after `timeout_s`.
+
+    The callback is registered before scanning starts: BlueZ reports a device it already knows, if
+    unchanged, once as discovery starts, and bleak's find_device_by_filter registers its callback
+    only after starting, so it can miss that one report and wait out its whole timeout."""
+    found: asyncio.Future[tuple[BLEDevice, AdvertisementData]] = asyncio.get_running_loop().create_future()
+
+    def on_advertisement(device: BLEDevice, advertisement: AdvertisementData) -> None:
+        if not found.done() and matches(device, advertisement):
+            found.set_result((device, advertisement))
+
+    async with BleakScanner(detection_callback=on_advertisement, **scanner_options):
+        try:
+            return await asyncio.wait_for(asyncio.shield(found), timeout_s)
+        except TimeoutError:
+            return None
+
+
 async def find_box(label: gatt.QrLabel, *, timeout_s: float = DEFAULT_SCAN_TIMEOUT_S) -> FoundBox:
     """Scan for the advertisement of the box on `label` (name derived from its id + our service).
 
     Several boxes may share a name (docs/protocol.md §4); the handshake tells the right one."""
     wanted = gatt.advertised_name(label.box_id)
     started = time.monotonic()
-    rssi = 0
 
     def matches(device: BLEDevice, advertisement: AdvertisementData) -> bool:
-        nonlocal rssi
-        found = advertisement.local_name == wanted and gatt.SERVICE_UUID in (
+        return advertisement.local_name == wanted and gatt.SERVICE_UUID in (
             uuid.lower() for uuid in advertisement.service_uuids
         )
-        if found:
-            rssi = advertisement.rssi
-        return found
 
     with _radio("scanning"):
-        device = await BleakScanner.find_device_by_filter(matches, timeout=timeout_s)
-    if device is None:
+        seen = await scan_until(matches, timeout_s=timeout_s)
+    if seen is None:
         raise BoxUnreachableError(f"no box advertising as {wanted} nearby (is it in range and powered?)")
+    device, rssi = seen[0], seen[1].rssi
     return FoundBox(device=device, name=wanted, rssi=rssi, scan_ms=int((time.monotonic() - started) * 1000))
 
 

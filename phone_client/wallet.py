@@ -739,8 +739,17 @@ class Wallet:
         """The grant to spend at `box_id`: the one named, or the best usable one."""
         if grant_prefix is not None:
             # a named grant goes to the box even if this phone thinks it is stale: the box decides
-            # (its clock and revocation list are the ones that count) and says why
-            return await self.find_grant(grant_prefix)
+            # (its clock and revocation list are the ones that count) and says why; but one this
+            # phone already spent stays here, since another box could not know (S7: arrears)
+            named = await self.find_grant(grant_prefix)
+            if named.state in (GrantState.USED, GrantState.IN_SESSION):
+                where = f" at {named.used_at_box}" if named.used_at_box else ""
+                raise PrerequisiteError(
+                    f"grant {named.grant_id.hex()[:8]} was already used{where}: a grant pays for one session;"
+                    " spending it again would be charged as arrears",
+                    code=ErrorCode.GRANT_SPENT,
+                )
+            return named
         usable = await self.usable_grants(box_id=box_id)
         if usable:
             return usable[0]

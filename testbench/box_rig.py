@@ -202,6 +202,7 @@ async def box_rig(
     certificate = BoxCertificate.verify(signed_certificate, ring)
     signing_key = cose.SigningKey.from_private_key(BOX_KEY)
     async with BoxStore.open(database, box_id=certificate.box_id, box_key=signing_key) as store:
+        high_water, last_sync = await store.clock_state()
         controller = BoxController(
             certificate=certificate,
             signed_certificate=signed_certificate,
@@ -210,7 +211,7 @@ async def box_rig(
             operator_encryption_key=operator_encryption_key or OPERATOR_ENCRYPTION.public_key(),
             hardware=hardware,
             store=store,
-            clock=BoxClock(wall=lambda: clock[0] // 1000),
+            clock=BoxClock(wall=lambda: clock[0] // 1000, high_water=high_water, last_sync=last_sync),
             policy=policy,
             random_bytes=secrets.token_bytes,
             monotonic_ms=lambda: clock[1],

@@ -17,12 +17,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bleak import BleakClient, BleakScanner
+from bleak import BleakClient
 from bleak.args.bluez import BlueZScannerArgs
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.device import BLEDevice
 from bleak.exc import BleakDBusError, BleakGATTProtocolError
 
+from phone_client.central import scan_until
 from testbench.ble_demo.profile import DEFAULT_CHUNK, SERVICE_UUID, DemoCharacteristic
 
 logger = logging.getLogger("demo-phone")
@@ -71,16 +72,16 @@ class DemoPhone:
 
     async def scan(self, name: str, service: str = SERVICE_UUID, timeout_s: float = 10.0) -> dict[str, Any]:
         started = time.perf_counter()
-        device = await BleakScanner.find_device_by_name(
-            name,
-            timeout=timeout_s,
+        seen = await scan_until(
+            lambda _device, advertisement: advertisement.local_name == name,
+            timeout_s=timeout_s,
             service_uuids=[service],
             bluez=self._bluez(),
         )
         elapsed = time.perf_counter() - started
-        if device is None:
+        if seen is None:
             raise CommandError(f"{name} not found within {timeout_s} s")
-        self.device = device
+        device = self.device = seen[0]
         return {"address": device.address, "name": device.name, "elapsed_ms": elapsed * 1000}
 
     async def connect(self, timeout_s: float = 10.0) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from box_peripheral.controller import BoxPolicy
 from box_peripheral.hardware.memory import MemoryHardware
 from protocol import cose, messages, sealing, tariff, tokens
 from protocol.errors import ErrorCode
-from protocol.tokens import Door, EndReason, EntryKind
+from protocol.tokens import Door, EndReason, EntryKind, TimeQuality
 from testbench.box_rig import BOX_KEY, OPERATOR, START_TIME, box_rig, operator_encryption_keys
 
 PRICE = 120  # the box's default tariff, fen per kWh
@@ -280,8 +280,15 @@ async def test_a_restart_closes_the_interrupted_session_once_from_its_last_readi
             assert isinstance(receipt, tokens.SessionReceipt)
             assert receipt.end_reason is EndReason.POWER_LOSS
             assert receipt.end_register_wh == persisted.last_register_wh
+            assert receipt.end_time == persisted.last_reading_time  # when power was last seen
             assert not await hardware.breaker_closed(1)
             assert [e.kind for e in entries].count(EntryKind.BOOT) == restart + 2
+            # the ledger stays in time order (the receipt's entry is stamped after the boot) and the
+            # operator time the box saw before the crash still counts: no clock anomaly at the server
+            times = [e.time for e in entries]
+            assert times == sorted(times)
+            closed = next(e for e in entries if e.kind is EntryKind.SESSION_ENDED)
+            assert closed.time_quality is TimeQuality.SYNCED
 
 
 async def test_entries_handed_to_a_mule_open_only_for_the_operator(tmp_path: Path) -> None:

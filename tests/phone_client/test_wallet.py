@@ -162,6 +162,20 @@ async def test_grant_choice_skips_expired_revoked_and_other_boxes(wallet: Wallet
     assert "no grant" in none_left.value.detail or none_left.value.wire_code is not None
 
 
+async def test_a_grant_this_phone_spent_is_not_offered_to_another_box_even_when_named(wallet: Wallet) -> None:
+    await wallet.remember_verified_box(testing.sample_certificate(BOX_KEY))
+    grant = await wallet.add_grant(await grant_for(wallet, "once", box_id=None))
+    await wallet.record_session_started(
+        box_id=BOX_ID, started=started(b"session1", balance_fen=500), grant=grant
+    )
+    for box_id in (BOX_ID, "BOX-OTHER"):
+        with pytest.raises(PrerequisiteError) as spent:
+            await wallet.choose_grant(box_id=box_id, grant_prefix=grant.grant_id.hex()[:8])
+        assert spent.value.code is ErrorCode.GRANT_SPENT
+        assert BOX_ID in spent.value.detail
+    assert (await wallet.find_grant(grant.grant_id.hex())).session_id == b"session1"  # nothing overwritten
+
+
 async def test_a_grant_above_the_expected_price_is_not_chosen(wallet: Wallet) -> None:
     certificate = testing.sample_certificate(BOX_KEY)
     await wallet.remember_verified_box(certificate)
