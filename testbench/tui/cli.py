@@ -40,7 +40,10 @@ def tui(workdir: Path | None, phones: int, uplink: bool) -> None:
     (as `powerbox demo` does); `q` quits and tears everything down."""
     with _workdir(workdir) as directory:
         click.echo(f"starting the system in {directory} ...")
-        asyncio.run(_run(directory, phones=phones, uplink_on=uplink))
+        try:
+            asyncio.run(_run(directory, phones=phones, uplink_on=uplink))
+        except (RuntimeError, OSError) as exc:  # a part that would not start (its log is in the workdir)
+            raise click.ClickException(f"the test bench stopped: {exc}") from None
 
 
 @contextlib.contextmanager
