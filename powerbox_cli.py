@@ -37,6 +37,9 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="powerbox")
 def main() -> None:
     """powerbox: offline pay-as-you-go electricity outlets over Bluetooth LE."""
+    from testbench._process import stop_with_parent_from_environment  # stdlib only: cheap
+
+    stop_with_parent_from_environment()
 
 
 if __name__ == "__main__":

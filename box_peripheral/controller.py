@@ -117,6 +117,7 @@ class BoxController:
         self._spent: set[bytes] = set()
         self._live: dict[bytes, _Live] = {}
         self._busy_outlets: set[int] = set()
+        self._persisted_last_sync = clock.last_sync
         # breakers the box failed to open (bus down): retried every poll until the relay obeys
         self._must_open: set[int] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -243,11 +244,7 @@ class BoxController:
                     live.connections.discard(connection_id)
 
     async def _observe_operator_time(self, signed_time: int) -> None:
-        synced_before = self.clock.last_sync
         moved = self.clock.observe_operator_time(signed_time)
-        if self.clock.last_sync is not None and self.clock.last_sync != synced_before:
-            # kept across restarts: a reboot must not make every entry "never synced"
-            await self.store.put_setting(LAST_SYNC, self.clock.last_sync.to_bytes(8, "big"))
         if moved is not None:
             before, after = moved
             await self.store.append(
@@ -669,6 +666,12 @@ class BoxController:
     async def _poll(self) -> None:
         now = self.clock.now()
         await self.store.put_setting(CLOCK_HIGH_WATER, now.to_bytes(8, "big"))
+        last_sync = self.clock.last_sync
+        if last_sync is not None and last_sync != self._persisted_last_sync:
+            # kept across restarts (a reboot must not make every entry "never synced"); here, off
+            # the unlock path, at most one poll after the operator time was seen
+            await self.store.put_setting(LAST_SYNC, last_sync.to_bytes(8, "big"))
+            self._persisted_last_sync = last_sync
         await self._retry_open_breakers()
         running = await self.store.running_sessions()
         if not running:

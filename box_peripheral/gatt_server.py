@@ -25,6 +25,7 @@ log = logging.getLogger("powerbox.box.gatt")
 
 PROTOCOL_VERSIONS = (1,)
 MAX_QUEUED_WRITES = 256
+STOP_TIMEOUT_S = 3.0
 
 
 class BoxGattServer:
@@ -90,9 +91,10 @@ class BoxGattServer:
             self._worker.cancel()
         if self._server is not None:
             try:
-                await self._server.stop()
+                # a BlueZ that is already gone may never answer: do not let it hold the box up
+                await asyncio.wait_for(self._server.stop(), STOP_TIMEOUT_S)
             except Exception as exc:  # bless/dbus errors on the way down change nothing
-                log.warning("bless stop: %s", exc)
+                log.warning("bless stop: %s", exc or type(exc).__name__)
 
     def _read(self, characteristic: BlessGATTCharacteristic, **options: Any) -> bytearray:
         if str(characteristic.uuid).lower() == gatt.INFO_CHARACTERISTIC_UUID:

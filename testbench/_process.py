@@ -57,6 +57,23 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+PARENT_PID_VARIABLE = "POWERBOX_PARENT_PID"
+
+
+def stop_with_parent_from_environment() -> None:
+    """In a Python child the test bench started (it sets POWERBOX_PARENT_PID): SIGTERM when that
+    parent dies, however it dies (SIGKILL, a closed terminal), so nothing is left running.
+
+    Done in the child, not as a ``preexec_fn``: the parent is an asyncio program with threads."""
+    parent = os.environ.pop(PARENT_PID_VARIABLE, None)  # not for this process's own children
+    if parent is None or not parent.isdigit() or sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def log_tail(path: Path, max_chars: int = 4000) -> str:
     """The end of a child's log, for error messages."""
     try:

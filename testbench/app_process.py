@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbench._process import PARENT_PID_VARIABLE
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
@@ -57,7 +59,7 @@ class AppProcess:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env=dict(env),
+                env={**env, PARENT_PID_VARIABLE: str(os.getpid())},
                 start_new_session=True,
             )
         return cls(process, name=name, log_path=log_path)

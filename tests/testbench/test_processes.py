@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,42 @@ def test_environment_for_applications(tmp_path: Path) -> None:
         assert env["DBUS_SYSTEM_BUS_ADDRESS"] == node.bus_address
         assert node.adapters[0].name == "hci0"
         assert node.adapters[0].controller == radio.endpoints[0]
+
+
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+from testbench.app_process import AppProcess
+
+async def main() -> None:
+    argv = [sys.executable, "-m", "powerbox_cli", "plant", "run", "--port", "0", "--json"]
+    child = await AppProcess.start(argv, name="plant", env={}, log_path=Path(sys.argv[1]))
+    await child.wait_for(lambda message: "ready" in message, within=30)
+    print(child.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_an_application_stops_when_the_program_that_started_it_is_killed(tmp_path: Path) -> None:
+    """A demo or TUI killed outright (SIGKILL, a closed terminal) must not leave its boxes and
+    phones running: they are in sessions of their own, so only the parent's death tells them."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "plant.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert running(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(child)
+    finally:
+        parent.kill()
