@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
+from phone_client.display import yuan
 from protocol import cose, framing, gatt, messages, tokens
 from protocol.session import (
     BoxAuthenticated,
@@ -226,6 +227,7 @@ def _story(*, keep: bool, report_path: Path | None) -> None:
             sys.exit(1)
     if report_path is not None:
         _write_json(report_path, {**result.as_json(), **({"system": reached} if reached else {})})
+    _print_money(console, result.statements, result.operator_report)
     if result.scan_to_power_ms is not None:
         console.print(
             f"scan-to-power offline: [bold]{result.scan_to_power_ms:.0f} ms[/] "
@@ -236,6 +238,43 @@ def _story(*, keep: bool, report_path: Path | None) -> None:
         f"whole story {result.total_ms / 1000:.1f} s"
     )
     sys.exit(0)
+
+
+def _print_money(
+    console: Console, statements: dict[str, dict[str, Any]], operator_report: list[dict[str, Any]]
+) -> None:
+    """Each user's statement and the operator's daily report, as the server settled them."""
+    users = Table(title="statements (after settlement)", title_justify="left")
+    for column in ("phone", "session", "outlet", "energy", "cost", "ended by", "available", "owed"):
+        users.add_column(
+            column, justify="right" if column in ("energy", "cost", "available", "owed") else "left"
+        )
+    for phone, statement in sorted(statements.items()):
+        for n, session in enumerate(statement["sessions"] or [None]):
+            first = n == 0
+            users.add_row(
+                phone if first else "",
+                "-" if session is None else str(session["session_id"])[:8],
+                "" if session is None else str(session["outlet"]),
+                "" if session is None else f"{session['energy_wh']} Wh",
+                "" if session is None else yuan(int(session["cost_fen"])),
+                "" if session is None else str(session["end_reason"]).replace("_", " "),
+                yuan(int(statement["available_fen"])) if first else "",
+                yuan(int(statement["arrears_fen"])) if first else "",
+            )
+    console.print(users)
+    report = Table(title="operator report (per box per day)", title_justify="left")
+    for column in ("box", "day", "sessions", "energy", "revenue"):
+        report.add_column(column, justify="left" if column in ("box", "day") else "right")
+    for row in operator_report:
+        report.add_row(
+            str(row["box_id"]),
+            str(row["day"]),
+            str(row["sessions"]),
+            f"{row['energy_wh']} Wh",
+            yuan(int(row["revenue_fen"])),
+        )
+    console.print(report)
 
 
 def _write_json(path: Path, value: object) -> None:

@@ -115,6 +115,8 @@ async def test_the_main_command_tells_the_story_keeps_the_system_up_and_stops_it
     for step in STORY_STEPS:
         assert f"ok {step}" in text
     assert "scan-to-power offline" in text
+    assert "statements (after settlement)" in text
+    assert "operator report (per box per day)" in text
     assert "the money journal balances: True" in text
     # nothing left running: the plant and the server are gone with the demo
     assert not _listening(plant["host"], plant["port"])
