@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from types import TracebackType
+from typing import Any, Self, TextIO
 
 # prctl(2) option: deliver a signal to this process when its parent thread exits.
 _PR_SET_PDEATHSIG = 1
@@ -209,3 +211,54 @@ def watch_lifeline(on_parent_gone: Callable[[], object]) -> None:
         on_parent_gone()
 
     threading.Thread(target=wait_for_eof, name="lifeline", daemon=True).start()
+
+
+class ChildHandle:
+    """A test-bench part running as a ManagedProcess, with a scratch directory that goes with it:
+    `stop()` (SIGTERM, then SIGKILL), `kill()` (a power cut), and use as a context manager."""
+
+    def __init__(self, process: ManagedProcess, *, scratch_dir: Path | None) -> None:
+        self._process = process
+        self._scratch_dir = scratch_dir
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.alive
+
+    @property
+    def log_path(self) -> Path:
+        return self._process.log_path
+
+    def stop(self) -> ProcessExit:
+        """Shut it down cleanly (SIGTERM, then SIGKILL after a grace period)."""
+        try:
+            return self._process.terminate()
+        finally:
+            self._remove_scratch_dir()
+
+    def kill(self) -> ProcessExit:
+        """Power cut: SIGKILL its whole process group at once."""
+        try:
+            return self._process.kill()
+        finally:
+            self._remove_scratch_dir()
+
+    def _remove_scratch_dir(self) -> None:
+        # a log kept in the scratch directory (no log path given) goes with it
+        if self._scratch_dir is not None:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -19,10 +19,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from testbench._process import ManagedProcess, ProcessExit, print_ready, python_module_argv, watch_lifeline
+from testbench._process import ChildHandle, ManagedProcess, print_ready, python_module_argv, watch_lifeline
 from testbench.bluez.dbus_daemon import PrivateBus
 from testbench.bluez.device import address_text
 from testbench.bluez.emulator import Emulator, EmulatorSettings
@@ -44,8 +43,9 @@ class AdapterInfo:
     controller: ControllerEndpoint
 
 
-class BleNode:
-    """A running node child process (see the module docstring)."""
+class BleNode(ChildHandle):
+    """A running node child process (see the module docstring); `stop()` shuts it down cleanly,
+    `kill()` is a power cut: the emulator and its dbus-daemon die at once."""
 
     def __init__(
         self,
@@ -57,7 +57,7 @@ class BleNode:
         work_dir: Path,
         settings: EmulatorSettings,
     ) -> None:
-        self._process = process
+        super().__init__(process, scratch_dir=work_dir)
         self.bus_address = bus_address
         self.adapters = adapters
         self.dbus_daemon_pid = dbus_daemon_pid
@@ -115,18 +115,6 @@ class BleNode:
         )
 
     @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._process.alive
-
-    @property
-    def log_path(self) -> Path:
-        return self._process.log_path
-
-    @property
     def controllers(self) -> tuple[ControllerEndpoint, ...]:
         return tuple(adapter.controller for adapter in self.adapters)
 
@@ -135,35 +123,6 @@ class BleNode:
         env = dict(os.environ if base is None else base)
         env[BUS_ADDRESS_VARIABLE] = self.bus_address
         return env
-
-    def stop(self) -> ProcessExit:
-        """Shut the node down cleanly (SIGTERM, then SIGKILL)."""
-        try:
-            return self._process.terminate()
-        finally:
-            self._remove_work_dir()
-
-    def kill(self) -> ProcessExit:
-        """Power cut: SIGKILL the emulator and its dbus-daemon at once."""
-        try:
-            return self._process.kill()
-        finally:
-            self._remove_work_dir()
-
-    def _remove_work_dir(self) -> None:
-        # A log kept in the work directory (no log_path given) goes with it.
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> BleNode:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def settings_arguments(settings: EmulatorSettings) -> list[str]:

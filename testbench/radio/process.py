@@ -5,13 +5,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 
-from testbench._process import ManagedProcess, ProcessExit, python_module_argv
+from testbench._process import ChildHandle, ManagedProcess, python_module_argv
 from testbench.radio.hub import LOOPBACK, ControllerEndpoint
 
 
-class RadioProcess:
+class RadioProcess(ChildHandle):
     """A running ``powerbox radio`` child process and the controllers it serves."""
 
     def __init__(
@@ -21,9 +20,8 @@ class RadioProcess:
         *,
         scratch_dir: Path | None = None,
     ) -> None:
-        self._process = process
+        super().__init__(process, scratch_dir=scratch_dir)
         self.endpoints = endpoints
-        self._scratch_dir = scratch_dir
 
     @classmethod
     def start(
@@ -65,43 +63,3 @@ class RadioProcess:
         ready_host = str(ready.get("host", host))
         endpoints = tuple(ControllerEndpoint(host=ready_host, port=int(port)) for port in ready["ports"])
         return cls(process, endpoints, scratch_dir=scratch_dir)
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._process.alive
-
-    @property
-    def log_path(self) -> Path:
-        return self._process.log_path
-
-    def stop(self) -> ProcessExit:
-        """SIGTERM, then SIGKILL after a grace period."""
-        try:
-            return self._process.terminate()
-        finally:
-            self._remove_scratch_dir()
-
-    def kill(self) -> ProcessExit:
-        try:
-            return self._process.kill()
-        finally:
-            self._remove_scratch_dir()
-
-    def _remove_scratch_dir(self) -> None:
-        if self._scratch_dir is not None:
-            shutil.rmtree(self._scratch_dir, ignore_errors=True)
-
-    def __enter__(self) -> RadioProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
