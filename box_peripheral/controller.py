@@ -413,8 +413,9 @@ class BoxController:
                 await self._carry(connection_id, request)
             case messages.ListSessions():
                 owner = self._phone_key(connection_id)
+                listed = (await self.store.sessions_of(owner, since=now - 86_400))[-messages.MAX_LIST_ITEMS :]
                 summaries = []
-                for session in await self.store.sessions_of(owner, since=now - 86_400):
+                for session in listed:
                     live = self._live.get(session.session_id)
                     if live is not None:
                         live.connections.add(connection_id)
@@ -430,27 +431,22 @@ class BoxController:
                             running=session.end_time is None,
                         )
                     )
-                listed = tuple(summaries[-messages.MAX_LIST_ITEMS :])
                 self.connections.send(
-                    connection_id, messages.SessionList(request_id=request.request_id, sessions=listed)
+                    connection_id,
+                    messages.SessionList(request_id=request.request_id, sessions=tuple(summaries)),
                 )
                 # the receipts of listed sessions that ended, for an owner who was away at the time
-                for summary in listed:
-                    if not summary.running:
-                        await self._resend_receipt(connection_id, summary.session_id)
+                for session in listed:
+                    if session.end_reason is not None:
+                        await self._resend_receipt(connection_id, session.session_id, session.end_reason)
 
-    async def _resend_receipt(self, connection_id: int, session_id: bytes) -> None:
+    async def _resend_receipt(self, connection_id: int, session_id: bytes, end_reason: EndReason) -> None:
         signed = await self.store.receipt(session_id)
         if signed is None:  # ended before the box kept receipts beside its ledger
             return
-        receipt = tokens.LedgerEntry.decode_unverified(signed).body  # our own entry from our own store
-        if not isinstance(receipt, tokens.SessionReceipt):
-            raise PowerboxError("stored receipt is not a receipt", code=ErrorCode.INTERNAL)
         self.connections.send(
             connection_id,
-            messages.SessionEnded(
-                request_id=0, session_id=session_id, end_reason=receipt.end_reason, receipt=signed
-            ),
+            messages.SessionEnded(request_id=0, session_id=session_id, end_reason=end_reason, receipt=signed),
         )
 
     def _pulse_door(

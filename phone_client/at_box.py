@@ -320,7 +320,7 @@ class BoxVisit:
 
     async def _receipts_after_list(self, sessions: Sequence[messages.SessionSummary]) -> None:
         """The box follows a SessionList with the SessionEnded of each listed session that ended
-        (docs/protocol.md §6.4): keep those receipts, and whatever else arrives meanwhile."""
+        (docs/protocol.md §6.2, ListSessions): keep those receipts, and whatever else arrives meanwhile."""
         waiting = {summary.session_id for summary in sessions if not summary.running}
         deadline = time.monotonic() + RECEIPTS_AFTER_LIST_TIMEOUT_S
         while waiting:

@@ -109,7 +109,7 @@ async def scan_until(
 
     async with BleakScanner(detection_callback=on_advertisement, **scanner_options):
         try:
-            return await asyncio.wait_for(asyncio.shield(found), timeout_s)
+            return await asyncio.wait_for(found, timeout_s)
         except TimeoutError:
             return None
 

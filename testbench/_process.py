@@ -70,8 +70,7 @@ def stop_with_parent_from_environment() -> None:
     parent = os.environ.pop(PARENT_PID_VARIABLE, None)  # not for this process's own children
     if parent is None or not parent.isdigit() or sys.platform != "linux":
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent()
     if os.getppid() != int(parent):  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -113,15 +113,17 @@ class AppProcess:
             async with asyncio.timeout(within), self._new_message:
                 while (found := find()) is None:
                     if self._reader.done():
-                        last = f"; its last message: {self._messages[-1]}" if self._messages else ""
                         raise AppProcessError(
-                            f"{self.name} ended (status {self.returncode}) before {what}{last}"
+                            f"{self.name} ended (status {self.returncode}) before {what}{self._last_said()}"
                         )
                     await self._new_message.wait()
                 return found
         except TimeoutError:
-            last = f"; its last message: {self._messages[-1]}" if self._messages else ""
-            raise AppProcessError(f"{self.name}: no {what} within {within} s{last}") from None
+            raise AppProcessError(f"{self.name}: no {what} within {within} s{self._last_said()}") from None
+
+    def _last_said(self) -> str:
+        """For a failed wait: the process's last unclaimed message (often its error event)."""
+        return f"; its last message: {self._messages[-1]}" if self._messages else ""
 
     async def wait_event(self, event: str, *, within: float, **fields: Any) -> Message:
         """The next ``{"event": event, ...}`` message whose fields include ``fields``."""

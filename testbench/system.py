@@ -90,10 +90,6 @@ class RunningServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
     async def init(self) -> None:
         """`powerbox server init`: keys, the migrated database, the first operator."""
         await asyncio.to_thread(keys.create_keys, self.key_directory)
@@ -190,22 +186,40 @@ class PhoneCli:
     async def spawn(self, *args: str) -> AppProcess:
         return await self.testbed.spawn(self.node, self.argv(*args), name=self.name)
 
-    async def finish(self, process: AppProcess, args: Sequence[str], expect: str) -> dict[str, Any]:
-        """The command's `expect` event, after it exits 0; its error otherwise."""
+    async def finish(
+        self, process: AppProcess, args: Sequence[str], expect: str | Sequence[str]
+    ) -> dict[str, Any]:
+        """The command's first `expect` event (one name, or any of several), after it exits 0; its
+        error otherwise."""
+        wanted = (expect,) if isinstance(expect, str) else tuple(expect)
         event = await process.wait_for(
-            lambda m: m.get("event") in (expect, "error"),
+            lambda m: m.get("event") in (*wanted, "error"),
             within=COMMAND_TIMEOUT_S,
-            what=f"{expect!r} or an error from `phone {' '.join(args)}`",
+            what=f"{' or '.join(wanted)} or an error from `phone {' '.join(args)}`",
         )
         status = await process.wait(within=COMMAND_TIMEOUT_S)
-        if event.get("event") != expect:
+        if event.get("event") not in wanted:
             raise PhoneCommandError(self.name, args, event)
         if status.returncode != 0:
             raise RuntimeError(f"{self.name}: `phone {' '.join(args)}` exited {status.returncode}")
         return dict(event)
 
-    async def run(self, *args: str, expect: str) -> dict[str, Any]:
+    async def run(self, *args: str, expect: str | Sequence[str]) -> dict[str, Any]:
         return await self.finish(await self.spawn(*args), args, expect)
+
+    async def spawn_until(self, *args: str, first: str) -> tuple[AppProcess, dict[str, Any]]:
+        """A command that keeps running (`start`, `watch`): the process and its `first` event;
+        PhoneCommandError, once it exited, if it answered with an error."""
+        process = await self.spawn(*args)
+        event = await process.wait_for(
+            lambda m: m.get("event") in (first, "error"),
+            within=COMMAND_TIMEOUT_S,
+            what=f"{first} or an error from `phone {' '.join(args)}`",
+        )
+        if event["event"] != first:
+            await process.wait(within=COMMAND_TIMEOUT_S)
+            raise PhoneCommandError(self.name, args, event)
+        return process, dict(event)
 
     async def sign_up(self, server: RunningServer, *, deposit_yuan: str) -> dict[str, Any]:
         """Register as a shared user with the texted code, log in and deposit: the login event with

@@ -32,12 +32,9 @@ from ledger_server.db import Database
 from ledger_server.schema import grant_charges
 from protocol import cose
 from protocol.tokens import EndReason, EntryKind, LedgerEntry, SessionReceipt, entry_hash
-from testbench.app_process import AppProcess
 from testbench.system import (
-    COMMAND_TIMEOUT_S,
     OperatorConsole,
     PhoneCli,
-    PhoneCommandError,
     RunningBox,
     RunningServer,
     eventually,
@@ -53,18 +50,6 @@ LOAD_W = 2000
 
 
 # --- the phones ---------------------------------------------------------------------------------
-
-
-async def spawn_until(phone: PhoneCli, *args: str, first: str) -> tuple[AppProcess, dict[str, Any]]:
-    """`phone.spawn`: the running process and its `first` event (PhoneCommandError on an error)."""
-    process = await phone.spawn(*args)
-    event = await process.wait_for(
-        lambda m: m.get("event") in (first, "error"), within=COMMAND_TIMEOUT_S, what=first
-    )
-    if event["event"] != first:
-        await process.wait(within=COMMAND_TIMEOUT_S)
-        raise PhoneCommandError(phone.name, args, event)
-    return process, event
 
 
 async def ready_user(phone: PhoneCli, server: RunningServer, *, deposit_yuan: str = "10") -> int:
@@ -281,7 +266,7 @@ async def test_a_box_killed_in_mid_session_closes_it_from_its_last_reading_and_i
         user_id = await ready_user(phone, system.server)
         await phone.run("grant", "request", "5", "--box", box.box_id, expect="grant")
         await box.plant.control.set_load(1, LOAD_W)
-        watching, started = await spawn_until(phone, "start", box.labels[1], first="session_started")
+        watching, started = await phone.spawn_until("start", box.labels[1], first="session_started")
         session_id = started["session_id"]
         await watching.wait_for(
             lambda m: m.get("event") == "reading" and m["energy_wh"] >= 20,

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import httpx
@@ -24,10 +24,9 @@ from box_peripheral.store import BoxStore
 from box_peripheral.uplink import off_switch_path
 from phone_client.display import kwh, yuan
 from protocol.errors import PowerboxError
-from testbench.app_process import AppProcess, AppProcessError
+from testbench.app_process import AppProcessError
 from testbench.plant import PlantControlError, PlantStatus
 from testbench.system import (
-    COMMAND_TIMEOUT_S,
     OperatorConsole,
     PhoneCli,
     PhoneCommandError,
@@ -496,10 +495,7 @@ class LiveBench:
                 event = await phone.run("top-up", expect="topped_up")
                 return f"balance {yuan(event['balance_fen'])}, {yuan(event['remaining_fen'])} left"
             case ActionKind.STOP:
-                args = ("stop",)
-                event = await _finish(
-                    phone, await phone.spawn(*args), args, ("session_ended", "ended_while_away")
-                )
+                event = await phone.run("stop", expect=("session_ended", "ended_while_away"))
                 if event["event"] == "ended_while_away":
                     return (
                         f"session {_short(event['session_id'])} had ended already: "
@@ -550,16 +546,8 @@ class LiveBench:
 
     async def _start(self, phone: PhoneCli, outlet: int) -> str:
         args = ("start", self._label(outlet), "--readings", "1")
-        process = await phone.spawn(*args)
-        started = await process.wait_for(
-            lambda m: m.get("event") in ("session_started", "error"),
-            within=COMMAND_TIMEOUT_S,
-            what=f"session_started from `phone {' '.join(args)}`",
-        )
-        if started["event"] == "error":
-            await process.wait(within=COMMAND_TIMEOUT_S)
-            raise PhoneCommandError(phone.name, args, started)
-        await _finish(phone, process, args, ("left_running", "session_ended"))
+        process, started = await phone.spawn_until(*args, first="session_started")
+        await phone.finish(process, args, ("left_running", "session_ended"))
         return (
             f"power on at outlet {started['outlet']}: session {_short(started['session_id'])}, "
             f"{yuan(started['balance_fen'])}"
@@ -637,18 +625,3 @@ def _balances(data: dict[str, Any]) -> Balances:
         frozen_fen=int(data["frozen_fen"]),
         arrears_fen=int(data["arrears_fen"]),
     )
-
-
-async def _finish(
-    phone: PhoneCli, process: AppProcess, args: Sequence[str], expect: Sequence[str]
-) -> dict[str, Any]:
-    """The first of the `expect` events of a phone command, after it exited; its error otherwise."""
-    event = await process.wait_for(
-        lambda m: m.get("event") in (*expect, "error"),
-        within=COMMAND_TIMEOUT_S,
-        what=f"{' or '.join(expect)} from `phone {' '.join(args)}`",
-    )
-    await process.wait(within=COMMAND_TIMEOUT_S)
-    if event.get("event") == "error":
-        raise PhoneCommandError(phone.name, args, event)
-    return dict(event)
